@@ -1,0 +1,119 @@
+"""The ``gateway`` command: check, test, explain and eval policies (serve comes with the proxy)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.evaluation import EvalInputError, eval_files, render_eval
+from gateway.policy import (
+    BUILTIN_POLICY_DIR,
+    Decision,
+    PolicyError,
+    Stage,
+    evaluate,
+    load_rules,
+    load_ruleset,
+)
+from gateway.policy.selftest import run_rule_tests
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} error(s): policies refused", file=sys.stderr)
+        return 1
+    except (EvalInputError, OSError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check", help="validate policy files; exit 1 listing every error")
+    check.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
+    check.set_defaults(run=_check)
+
+    test = commands.add_parser("test", help="run every rule's tests")
+    test.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
+    test.set_defaults(run=_test)
+
+    explain = commands.add_parser("explain", help="show the decision on a text and where rules match")
+    _policies_option(explain)
+    explain.add_argument("--stage", choices=[s.value for s in Stage], default="prompt")
+    explain.add_argument("text", help="the text, or - to read standard input")
+    explain.set_defaults(run=_explain)
+
+    evaluation = commands.add_parser("eval", help="precision and recall on labelled JSON lines")
+    _policies_option(evaluation)
+    evaluation.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    evaluation.add_argument(
+        "--min-action", choices=["log", "alert", "block"], default="log",
+        help="count a text as flagged only when a rule of this action or stronger matches",
+    )
+    evaluation.add_argument("files", nargs="+", type=Path, metavar="FILE.jsonl")
+    evaluation.set_defaults(run=_eval)
+    return parser
+
+
+def _policies_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policies", type=Path, action="append", metavar="DIR",
+        help="policy directory or file (repeatable; default: the built-in pack)",
+    )
+
+
+def _check(args: argparse.Namespace) -> int:
+    rules, revision = load_rules(args.dirs)
+    print(f"ok: {len(rules)} rules, revision {revision}")
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    rules, _ = load_rules(args.dirs)
+    report = run_rule_tests(rules)
+    for failure in report.failures:
+        print(f"FAIL {failure.describe()}")
+    status = "FAILED" if report.failures else "ok"
+    print(f"{status}: {report.rules} rules, {report.cases} cases, {len(report.failures)} failures")
+    return 1 if report.failures else 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    ruleset = load_ruleset(args.policies or [BUILTIN_POLICY_DIR])
+    text = sys.stdin.read() if args.text == "-" else args.text
+    decision = evaluate(ruleset, Stage(args.stage), text)
+    print(render_decision(decision))
+    return 0
+
+
+def render_decision(decision: Decision) -> str:
+    """The decision with offsets and lengths only: explain output may be pasted anywhere."""
+    lines = [
+        f"decision: {decision.action.label} (stage {decision.stage.value}, "
+        f"revision {decision.revision}, {len(decision.violations)} rule(s) matched)"
+    ]
+    for v in decision.violations:
+        shadow = f" (shadow: would {v.action.label})" if v.mode.value == "shadow" else ""
+        lines.append(f"- {v.rule_id} [{v.severity.value}] {v.action.label}{shadow}: {v.name}")
+        lines.extend(f"    span {s.start}-{s.end} ({s.length} chars)" for s in v.spans)
+    return "\n".join(lines)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    ruleset = load_ruleset(args.policies or [BUILTIN_POLICY_DIR])
+    report = eval_files(ruleset, args.files, min_action=args.min_action)
+    print(report.to_json() if args.json else render_eval(report))
+    return 0

@@ -1,0 +1,41 @@
+"""The policy engine: pure, no I/O beyond reading policy files.
+
+``load_ruleset`` turns YAML policy files into an immutable ``RuleSet``; ``evaluate`` turns a
+rule set, a stage and a text into a ``Decision``. The HTTP layer acts on decisions; this
+package never knows about requests, stores, metrics or logs.
+"""
+
+from gateway.policy.engine import evaluate
+from gateway.policy.loader import BUILTIN_POLICY_DIR, PolicyError, Problem, load_rules, load_ruleset
+from gateway.policy.model import (
+    Action,
+    Context,
+    Decision,
+    Mode,
+    Rule,
+    Severity,
+    Span,
+    Stage,
+    Violation,
+)
+from gateway.policy.ruleset import RuleSet, compile_ruleset
+
+__all__ = [
+    "BUILTIN_POLICY_DIR",
+    "Action",
+    "Context",
+    "Decision",
+    "Mode",
+    "PolicyError",
+    "Problem",
+    "Rule",
+    "RuleSet",
+    "Severity",
+    "Span",
+    "Stage",
+    "Violation",
+    "compile_ruleset",
+    "evaluate",
+    "load_rules",
+    "load_ruleset",
+]

@@ -1,0 +1,195 @@
+"""Values of the policy domain: rules as loaded, and decisions as evaluated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+
+class Severity(Enum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class Action(IntEnum):
+    """Outcome of a rule; the order is the strength (allow < log < alert < block).
+
+    The values 0..2 of log/alert/block are the backend's actionType.
+    """
+
+    ALLOW = -1
+    LOG = 0
+    ALERT = 1
+    BLOCK = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Mode(Enum):
+    ENFORCE = "enforce"
+    SHADOW = "shadow"
+
+
+class Stage(Enum):
+    PROMPT = "prompt"
+    RESPONSE = "response"
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Where a rule applies; an empty tuple means everywhere, ``*`` matches any known id."""
+
+    orgs: tuple[str, ...] = ()
+    workspaces: tuple[str, ...] = ()
+    repos: tuple[str, ...] = ()
+
+    def covers(self, context: Context) -> bool:
+        return (
+            _within(self.orgs, context.org)
+            and _within(self.workspaces, context.workspace)
+            and _within(self.repos, context.repo)
+        )
+
+
+def _within(allowed: tuple[str, ...], value: str | None) -> bool:
+    if not allowed:
+        return True
+    # A rule scoped to some ids cannot apply when the request's id is unknown.
+    if value is None:
+        return False
+    return "*" in allowed or value in allowed
+
+
+# Match specifications, as written in the policy file.
+
+
+@dataclass(frozen=True, slots=True)
+class RegexSpec:
+    pattern: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeywordsSpec:
+    words: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorSpec:
+    name: str
+    params: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MaxTokensSpec:
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class AnySpec:
+    parts: tuple[MatchSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AllSpec:
+    parts: tuple[MatchSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NotSpec:
+    part: MatchSpec
+
+
+MatchSpec = RegexSpec | KeywordsSpec | DetectorSpec | MaxTokensSpec | AnySpec | AllSpec | NotSpec
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTests:
+    match: tuple[str, ...] = ()
+    no_match: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    name: str
+    severity: Severity
+    action: Action
+    match: MatchSpec
+    description: str = ""
+    mode: Mode = Mode.ENFORCE
+    stages: frozenset[Stage] = frozenset(Stage)
+    scope: Scope = Scope()
+    tests: RuleTests = RuleTests()
+    source: str = ""
+    line: int = 0
+
+    @property
+    def effective_action(self) -> Action:
+        return Action.LOG if self.mode is Mode.SHADOW else self.action
+
+
+# Evaluation.
+
+
+def estimate_tokens(text: str) -> int:
+    """Upper-leaning estimate (about 4 characters a token) until a real tokenizer is passed."""
+    return (len(text) + 3) // 4
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Who a request belongs to; ids the gateway could not resolve stay ``None``."""
+
+    org: str | None = None
+    workspace: str | None = None
+    repo: str | None = None
+    count_tokens: Callable[[str], int] = estimate_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Half-open character range ``[start, end)`` in the text as the caller passed it."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    rule_id: str
+    name: str
+    severity: Severity
+    action: Action
+    mode: Mode
+    stage: Stage
+    # At most MAX_SPANS_PER_VIOLATION, in text order.
+    spans: tuple[Span, ...]
+
+    @property
+    def effective_action(self) -> Action:
+        return Action.LOG if self.mode is Mode.SHADOW else self.action
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    stage: Stage
+    action: Action
+    revision: str
+    violations: tuple[Violation, ...] = field(default=())
+
+    @property
+    def blocked(self) -> bool:
+        return self.action is Action.BLOCK
+
+
+MAX_SPANS_PER_VIOLATION = 64
+
+EMPTY_PARAMS: Mapping[str, object] = {}

@@ -1,0 +1,174 @@
+"""Compilation of loaded rules into an immutable, per-stage rule set.
+
+Every regex, keyword and detector candidate of a stage becomes one probe in a single
+``re2.Set``: one pass over the text says which probes hit, and only the rules owning those
+probes are looked at again. Rules that can match with no probe hitting (``not``,
+``max_tokens``) are evaluated on every text of their stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import re2
+
+from gateway.policy.detectors import BUILTIN, Validator
+from gateway.policy.model import (
+    AllSpec,
+    AnySpec,
+    DetectorSpec,
+    KeywordsSpec,
+    MatchSpec,
+    MaxTokensSpec,
+    NotSpec,
+    RegexSpec,
+    Rule,
+    Stage,
+)
+from gateway.policy.patterns import SET_MAX_MEM, compile_pattern, keyword_pattern, options
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One pattern of the stage's set, with what confirms a candidate and which part to report."""
+
+    index: int
+    regex: Any
+    group: int
+    validate: Validator | None = None
+    params: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeNode:
+    probe: Probe
+
+
+@dataclass(frozen=True, slots=True)
+class AnyNode:
+    parts: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AllNode:
+    parts: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NotNode:
+    part: Node
+
+
+@dataclass(frozen=True, slots=True)
+class MaxTokensNode:
+    limit: int
+
+
+Node = ProbeNode | AnyNode | AllNode | NotNode | MaxTokensNode
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    rule: Rule
+    node: Node
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlan:
+    rules: tuple[CompiledRule, ...]
+    matcher: Any  # re2.Set, or None when the stage has no probe
+    owner: tuple[int, ...]  # probe index -> index in ``rules``
+    always: frozenset[int]  # rules evaluated whatever the set reports
+
+    @property
+    def probe_count(self) -> int:
+        return len(self.owner)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    rules: tuple[Rule, ...]
+    revision: str
+    plans: Mapping[Stage, StagePlan]
+
+    def plan(self, stage: Stage) -> StagePlan:
+        return self.plans[stage]
+
+
+class _PlanBuilder:
+    def __init__(self) -> None:
+        self.matcher = re2.Set.SearchSet(options(SET_MAX_MEM))
+        self.owner: list[int] = []
+        self.rules: list[CompiledRule] = []
+        self.always: set[int] = set()
+
+    def add(self, rule: Rule) -> None:
+        rule_index = len(self.rules)
+        node = self._node(rule.match, rule_index)
+        self.rules.append(CompiledRule(rule, node))
+        if _may_match_without_probes(node):
+            self.always.add(rule_index)
+
+    def _probe(self, pattern: str, rule_index: int, validate: Validator | None = None,
+               params: Mapping[str, object] | None = None) -> ProbeNode:
+        regex = compile_pattern(pattern)
+        index = self.matcher.Add(pattern)
+        self.owner.append(rule_index)
+        group = regex.groupindex.get("v", 0)
+        return ProbeNode(Probe(index, regex, group, validate, MappingProxyType(dict(params or {}))))
+
+    def _node(self, spec: MatchSpec, rule_index: int) -> Node:
+        match spec:
+            case RegexSpec(pattern):
+                return self._probe(pattern, rule_index)
+            case KeywordsSpec(words):
+                return AnyNode(tuple(self._probe(keyword_pattern(w), rule_index) for w in words))
+            case DetectorSpec(name, params):
+                detector = BUILTIN[name]
+                resolved = {key: param.default for key, param in detector.params.items()}
+                resolved.update(params)
+                return self._probe(detector.pattern, rule_index, detector.validate, resolved)
+            case MaxTokensSpec(limit):
+                return MaxTokensNode(limit)
+            case AnySpec(parts):
+                return AnyNode(tuple(self._node(part, rule_index) for part in parts))
+            case AllSpec(parts):
+                return AllNode(tuple(self._node(part, rule_index) for part in parts))
+            case NotSpec(part):
+                return NotNode(self._node(part, rule_index))
+
+    def build(self) -> StagePlan:
+        matcher = None
+        if self.owner:
+            self.matcher.Compile()
+            matcher = self.matcher
+        return StagePlan(tuple(self.rules), matcher, tuple(self.owner), frozenset(self.always))
+
+
+def _may_match_without_probes(node: Node) -> bool:
+    """Whether the node could match on a text where no probe of the set hit."""
+    match node:
+        case ProbeNode():
+            return False
+        case MaxTokensNode():
+            return True
+        case AnyNode(parts):
+            return any(_may_match_without_probes(part) for part in parts)
+        case AllNode(parts):
+            return all(_may_match_without_probes(part) for part in parts)
+        case NotNode():
+            return True
+
+
+def compile_ruleset(rules: tuple[Rule, ...], revision: str) -> RuleSet:
+    """Compile loaded rules; patterns are expected to have been checked by the loader."""
+    builders = {stage: _PlanBuilder() for stage in Stage}
+    for rule in rules:
+        for stage in Stage:
+            if stage in rule.stages:
+                builders[stage].add(rule)
+    plans = {stage: builder.build() for stage, builder in builders.items()}
+    return RuleSet(rules, revision, MappingProxyType(plans))

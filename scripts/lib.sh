@@ -29,11 +29,8 @@ ensure_python() {
       python3 -m venv "$VENV"
     fi
   fi
-  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 }
 
 pip_install() {
-  "$VENV/bin/python" -m pip install -q "$@" 2>&1 | grep -v '^WARNING: Location' || true
-  # grep hides the local-mirror warnings; the install's own status is checked here.
-  "$VENV/bin/python" -m pip check >/dev/null
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"
 }

@@ -104,7 +104,7 @@ def _us_ssn(candidate: str, params: Params) -> bool:
 
 
 def _email(candidate: str, _: Params) -> bool:
-    local, _, domain = candidate.rpartition("@")
+    local, _at, domain = candidate.rpartition("@")
     if not local or len(local) > 64 or len(domain) > 253:
         return False
     if ".." in candidate or local.startswith(".") or local.endswith("."):
@@ -149,8 +149,7 @@ def shannon_entropy(value: str) -> float:
 _PLACEHOLDER_HINTS = ("xxxx", "****", "....", "<", ">", "${", "{{", "%(", "changeme", "example")
 
 
-def _generic_secret(candidate: str, params: Params) -> bool:
-    value = candidate.strip("\"'`")
+def _generic_secret(value: str, params: Params) -> bool:
     min_length, min_entropy = params["min_length"], params["min_entropy"]
     assert isinstance(min_length, int)
     assert isinstance(min_entropy, float | int)
@@ -199,7 +198,9 @@ BUILTIN: Mapping[str, Detector] = {
             "private_key",
             "PEM private key block (the BEGIN line and a key body)",
             r"-----BEGIN[A-Z0-9 ]{0,32} PRIVATE KEY(?: BLOCK)?-----(?:[\s\S]*?"
-            r"-----END[A-Z0-9 ]{0,32} PRIVATE KEY(?: BLOCK)?-----|\s*[A-Za-z0-9+/=]{32,}[A-Za-z0-9+/=\s]*)",
+            r"-----END[A-Z0-9 ]{0,32} PRIVATE KEY(?: BLOCK)?-----"
+            # A truncated key: optional "Name: value" header lines, then a base64 body.
+            r"|(?:\s*[A-Za-z-]{1,32}:[^\n]{0,256})*\s*[A-Za-z0-9+/=]{32,}[A-Za-z0-9+/=\s]*)",
             _private_key,
             {"min_body_chars": Param(int, 32, minimum=0)},
         ),
@@ -213,7 +214,7 @@ BUILTIN: Mapping[str, Detector] = {
             "generic_secret",
             "a high-entropy value assigned to a credential-like name",
             r"(?i)[A-Za-z0-9_.-]*" + _CREDENTIAL_NAME + r"[A-Za-z0-9_.-]*[\"'`]?"
-            r"\s*(?:=|:=|:|=>|->)\s*(?P<v>[\"'`]?[^\s\"'`;,]{6,256}[\"'`]?)",
+            r"\s*(?:=|:=|:|=>|->)\s*[\"'`]?(?P<v>[^\s\"'`;,]{6,256})",
             _generic_secret,
             {"min_length": Param(int, 12, minimum=1), "min_entropy": Param(float, 3.0, minimum=0)},
         ),

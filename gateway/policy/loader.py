@@ -245,7 +245,7 @@ def _fields(node: yaml.Node, allowed: Iterable[str], required: Iterable[str] = (
 def _scalar(node: yaml.Node) -> object:
     if not isinstance(node, yaml.ScalarNode):
         raise _Invalid(node, "expected a single value")
-    return yaml.constructor.SafeConstructor().construct_object(node)  # type: ignore[no-untyped-call]
+    return yaml.constructor.SafeConstructor().construct_object(node)
 
 
 def _text(node: yaml.Node, *, allow_empty: bool = False) -> str:
@@ -387,6 +387,8 @@ def _detector(node: yaml.Node) -> DetectorSpec:
         raise _Invalid(node, f"unknown detector '{name}' (built-in: {', '.join(sorted(BUILTIN))})")
     params: list[tuple[str, object]] = []
     if params_node is not None:
+        if not detector.params:
+            raise _Invalid(params_node, f"detector '{name}' takes no parameters")
         for key, value_node in _fields(params_node, detector.params).items():
             spec = detector.params[key]
             value = _scalar(value_node)

@@ -128,7 +128,9 @@ class _PlanBuilder:
                 return AnyNode(tuple(self._probe(keyword_pattern(w), rule_index) for w in words))
             case DetectorSpec(name, params):
                 detector = BUILTIN[name]
-                resolved = {key: param.default for key, param in detector.params.items()}
+                resolved: dict[str, object] = {
+                    key: param.default for key, param in detector.params.items()
+                }
                 resolved.update(params)
                 return self._probe(detector.pattern, rule_index, detector.validate, resolved)
             case MaxTokensSpec(limit):

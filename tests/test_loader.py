@@ -1,0 +1,182 @@
+"""Loading policy files: what is refused, and that every error is located."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.policy import Action, Mode, PolicyError, Severity, Stage, load_rules, load_ruleset
+from gateway.policy.loader import BUILTIN_POLICY_DIR
+
+Write = Callable[[dict[str, str]], Path]
+
+GOOD = """\
+policies:
+  - id: a.one
+    name: One
+    severity: HIGH
+    action: 2
+    match: {regex: 'x\\d+'}
+"""
+
+SEVERAL_ERRORS = """\
+policies:
+  - id: bad.lookahead
+    name: Lookahead
+    severity: high
+    action: block
+    match: {regex: 'foo(?=bar)'}
+  - id: bad.fields
+    name: Fields
+    severity: extreme
+    action: shout
+    colour: red
+    match: {keywords: []}
+  - id: bad.detector
+    name: Detector
+    severity: low
+    action: log
+    match: {detector: {name: credit_card, params: {nope: 1}}}
+  - id: bad.unknown-detector
+    name: Unknown detector
+    severity: low
+    action: log
+    match: {detector: horoscope}
+  - id: bad.backref
+    name: Backreference
+    severity: low
+    action: log
+    match:
+      any:
+        - regex: '(a)\\1'
+        - keywords: [ok]
+        - max_tokens: -3
+  - id: bad.missing
+    name: Missing match
+    severity: low
+    action: log
+"""
+
+
+def _problems(directory: Path) -> list[tuple[str, int, str, str]]:
+    with pytest.raises(PolicyError) as raised:
+        load_rules([directory])
+    return [(Path(p.path).name, p.line, p.rule_id, p.message) for p in raised.value.problems]
+
+
+def test_one_file_with_several_errors_reports_all_of_them_with_lines(write_policies: Write) -> None:
+    """Every error of the file is reported in one run, each with its line and rule id."""
+    problems = _problems(write_policies({"bad.yaml": SEVERAL_ERRORS}))
+    located = [(line, rule_id) for _, line, rule_id, _ in problems]
+    assert located == [
+        (6, "bad.lookahead"),
+        (11, "bad.fields"),
+        (9, "bad.fields"),
+        (10, "bad.fields"),
+        (12, "bad.fields"),
+        (17, "bad.detector"),
+        (22, "bad.unknown-detector"),
+        (29, "bad.backref"),
+        (31, "bad.backref"),
+        (32, "bad.missing"),
+    ]
+    messages = {(rule_id, line): message for _, line, rule_id, message in problems}
+    assert "linear" in messages[("bad.lookahead", 6)]
+    assert "lookaround" in messages[("bad.lookahead", 6)]
+    assert "unknown key 'colour'" in messages[("bad.fields", 11)]
+    assert "extreme" in messages[("bad.fields", 9)]
+    assert "shout" in messages[("bad.fields", 10)]
+    assert "non-empty" in messages[("bad.fields", 12)]
+    assert "takes no parameters" in messages[("bad.detector", 17)]
+    assert "unknown detector 'horoscope'" in messages[("bad.unknown-detector", 22)]
+    assert "backreferences" in messages[("bad.backref", 29)]
+    assert "positive" in messages[("bad.backref", 31)]
+    assert "'match'" in messages[("bad.missing", 32)]
+
+
+def test_errors_of_every_file_are_reported_and_formatted_as_path_line_id(write_policies: Write) -> None:
+    """Two bad files: both files' errors come out, as path:line: rule-id: message."""
+    directory = write_policies({
+        "a.yaml": GOOD.replace("x\\d+", "(?<=a)b"),
+        "b.yaml": GOOD.replace("a.one", "b.two").replace("HIGH", "huge"),
+    })
+    with pytest.raises(PolicyError) as raised:
+        load_rules([directory])
+    lines = str(raised.value).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{directory / 'a.yaml'}:6: a.one: regex refused by RE2")
+    assert lines[1].startswith(f"{directory / 'b.yaml'}:4: b.two: severity must be")
+
+
+def test_duplicate_ids_across_files_are_refused(write_policies: Write) -> None:
+    """An id used in two files is an error at the second, naming the first."""
+    directory = write_policies({"a.yaml": GOOD, "b.yaml": GOOD})
+    ((name, line, rule_id, message),) = _problems(directory)
+    assert (name, line, rule_id) == ("b.yaml", 2, "a.one")
+    assert "duplicate id" in message
+    assert "a.yaml:2" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        pytest.param("policies: [\n  - id: x\n", "YAML syntax", id="broken YAML is located"),
+        pytest.param("", "empty file", id="an empty file is refused"),
+        pytest.param("rules: []\n", "unknown key 'rules'", id="a top level other than policies"),
+        pytest.param("policies: {}\n", "expected a list", id="policies must be a list"),
+        pytest.param(GOOD.replace("a.one", "Not Dotted"), "dotted", id="an id must be dotted"),
+        pytest.param(GOOD.replace("'x\\d+'", "'x*'"), "empty string", id="a regex matching nothing"),
+        pytest.param(GOOD + "    stages: [prompt, prompt]\n", "twice", id="a stage listed twice"),
+        pytest.param(GOOD + "    mode: loud\n", "enforce | shadow", id="an unknown mode"),
+        pytest.param(GOOD + "    scope: {teams: [a]}\n", "unknown key 'teams'", id="an unknown scope"),
+        pytest.param(GOOD + "    tests: {match: [1]}\n", "non-empty text", id="a test text must be text"),
+        pytest.param(
+            GOOD.replace("{regex: 'x\\d+'}", "{regex: 'a', keywords: [b]}"), "exactly one",
+            id="two match kinds at once",
+        ),
+        pytest.param(GOOD.replace("action: 2", "action: true"), "action must be", id="a bool action"),
+    ],
+)
+def test_malformed_policy_files_are_refused(write_policies: Write, text: str, fragment: str) -> None:
+    """Each malformed file is refused with a message naming the problem."""
+    problems = _problems(write_policies({"p.yaml": text}))
+    assert any(fragment in message for *_, message in problems), problems
+    assert all(line >= 0 for _, line, _, _ in problems)
+
+
+def test_missing_paths_and_empty_directories_are_refused(tmp_path: Path) -> None:
+    """A path that does not exist, or a directory without policy files, is an error."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PolicyError) as raised:
+        load_rules([tmp_path / "empty", tmp_path / "absent"])
+    messages = [p.message for p in raised.value.problems]
+    assert messages == ["no *.yaml policy files in directory", "no such file or directory"]
+
+
+def test_backend_aliases_and_defaults_are_accepted(write_policies: Write) -> None:
+    """LOW/MEDIUM/HIGH and actionType 0/1/2 load; mode and stages have defaults."""
+    rules, _ = load_rules([write_policies({"p.yaml": GOOD})])
+    (rule,) = rules
+    assert rule.severity is Severity.HIGH
+    assert rule.action is Action.BLOCK
+    assert rule.mode is Mode.ENFORCE
+    assert rule.stages == frozenset(Stage)
+
+
+def test_revision_follows_the_sources(write_policies: Write) -> None:
+    """The revision is stable for the same files and changes when a file changes."""
+    directory = write_policies({"p.yaml": GOOD})
+    first = load_ruleset([directory]).revision
+    assert load_ruleset([directory]).revision == first
+    (directory / "p.yaml").write_text(GOOD.replace("One", "Uno"), encoding="utf-8")
+    assert load_ruleset([directory]).revision != first
+
+
+def test_the_builtin_pack_loads() -> None:
+    """The pack shipped inside the package loads and is the default."""
+    ruleset = load_ruleset()
+    assert BUILTIN_POLICY_DIR.is_dir()
+    assert {"secrets.aws-access-key-id", "secrets.github-token", "secrets.private-key",
+            "pii.credit-card", "pii.email"} <= {rule.id for rule in ruleset.rules}

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policy import Action, Mode, PolicyError, Severity, Stage, load_rules, load_ruleset
+from gateway.policy import (
+    Action,
+    Mode,
+    PolicyError,
+    Severity,
+    Stage,
+    compile_ruleset,
+    load_rules,
+    load_ruleset,
+)
 from gateway.policy.loader import BUILTIN_POLICY_DIR
 
 Write = Callable[[dict[str, str]], Path]
@@ -180,3 +189,17 @@ def test_the_builtin_pack_loads() -> None:
     assert BUILTIN_POLICY_DIR.is_dir()
     assert {"secrets.aws-access-key-id", "secrets.github-token", "secrets.private-key",
             "pii.credit-card", "pii.email"} <= {rule.id for rule in ruleset.rules}
+
+
+def test_a_rule_set_too_large_for_the_re2_budget_is_refused_loudly(write_policies: Write) -> None:
+    """A set that does not fit its memory budget is a located error, not a silent no-match."""
+    rules = "".join(
+        f"  - {{id: r.k{i}, name: K, severity: low, action: log, match: {{regex: 'k{i}[a-z]{{40}}x'}}}}\n"
+        for i in range(200)
+    )
+    loaded, revision = load_rules([write_policies({"p.yaml": "policies:\n" + rules})])
+    with pytest.raises(PolicyError) as raised:
+        compile_ruleset(loaded, revision, set_max_mem=256 << 10)
+    (problem,) = raised.value.problems
+    assert "200 patterns do not fit RE2's 0.25 MiB budget" in problem.message
+    assert compile_ruleset(loaded, revision).plans[Stage.PROMPT].probe_count == 200

@@ -6,7 +6,8 @@ package never knows about requests, stores, metrics or logs.
 """
 
 from gateway.policy.engine import evaluate
-from gateway.policy.loader import BUILTIN_POLICY_DIR, PolicyError, Problem, load_rules, load_ruleset
+from gateway.policy.errors import PolicyError, Problem
+from gateway.policy.loader import BUILTIN_POLICY_DIR, load_rules, load_ruleset
 from gateway.policy.model import (
     Action,
     Context,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TypeVar
@@ -16,6 +15,7 @@ from typing import TypeVar
 import yaml
 
 from gateway.policy.detectors import BUILTIN
+from gateway.policy.errors import PolicyError, Problem
 from gateway.policy.model import (
     Action,
     AllSpec,
@@ -48,25 +48,6 @@ _EMPTY_PROBES = ("", " ", "a", "0", "\n")
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Enum)
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    path: str
-    line: int
-    rule_id: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.rule_id or '-'}: {self.message}"
-
-
-class PolicyError(Exception):
-    """The policy files were refused; ``problems`` holds every error found."""
-
-    def __init__(self, problems: Iterable[Problem]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("\n".join(str(problem) for problem in self.problems))
 
 
 class _Invalid(Exception):

@@ -16,6 +16,7 @@ from typing import Any
 import re2
 
 from gateway.policy.detectors import BUILTIN, Validator
+from gateway.policy.errors import PolicyError, Problem
 from gateway.policy.model import (
     AllSpec,
     AnySpec,
@@ -99,8 +100,8 @@ class RuleSet:
 
 
 class _PlanBuilder:
-    def __init__(self) -> None:
-        self.matcher = re2.Set.SearchSet(options(SET_MAX_MEM))
+    def __init__(self, set_max_mem: int) -> None:
+        self.matcher = re2.Set.SearchSet(options(set_max_mem))
         self.owner: list[int] = []
         self.rules: list[CompiledRule] = []
         self.always: set[int] = set()
@@ -142,10 +143,19 @@ class _PlanBuilder:
             case NotSpec(part):
                 return NotNode(self._node(part, rule_index))
 
-    def build(self) -> StagePlan:
+    def build(self, stage: Stage, set_max_mem: int) -> StagePlan:
         matcher = None
         if self.owner:
-            self.matcher.Compile()
+            try:
+                self.matcher.Compile()
+            except re2.error:
+                # Once compiled, a set never fails at match time (RE2's many-match DFA flushes
+                # its cache instead of bailing out), so a too-small budget shows here, loudly.
+                raise PolicyError([Problem(
+                    "<rule set>", 0, "",
+                    f"stage {stage.value}: {len(self.owner)} patterns do not fit RE2's "
+                    f"{set_max_mem / 2**20:g} MiB budget; remove or merge rules",
+                )]) from None
             matcher = self.matcher
         return StagePlan(tuple(self.rules), matcher, tuple(self.owner), frozenset(self.always))
 
@@ -165,12 +175,14 @@ def _may_match_without_probes(node: Node) -> bool:
             return True
 
 
-def compile_ruleset(rules: tuple[Rule, ...], revision: str) -> RuleSet:
+def compile_ruleset(
+    rules: tuple[Rule, ...], revision: str, *, set_max_mem: int = SET_MAX_MEM
+) -> RuleSet:
     """Compile loaded rules; patterns are expected to have been checked by the loader."""
-    builders = {stage: _PlanBuilder() for stage in Stage}
+    builders = {stage: _PlanBuilder(set_max_mem) for stage in Stage}
     for rule in rules:
         for stage in Stage:
             if stage in rule.stages:
                 builders[stage].add(rule)
-    plans = {stage: builder.build() for stage, builder in builders.items()}
+    plans = {stage: builder.build(stage, set_max_mem) for stage, builder in builders.items()}
     return RuleSet(rules, revision, MappingProxyType(plans))

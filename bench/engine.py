@@ -30,9 +30,13 @@ SIZES = {"1 KB": 1 << 10, "16 KB": 16 << 10, "256 KB": 256 << 10}
 # Nested sets: the rule at index i is the same in every set that holds it.
 DETECTORS = {3: "credit_card", 7: "email", 30: "jwt", 50: "iban", 70: "us_ssn", 90: "generic_secret"}
 # Character class of a secret's body -> the characters it allows.
-CLASSES = {"0-9a-f": string.hexdigits[:16], "A-Za-z0-9": string.ascii_letters + string.digits,
-           "A-Z2-7": string.ascii_uppercase + "234567", "0-9A-Z": string.digits + string.ascii_uppercase,
-           "A-Za-z0-9_": string.ascii_letters + string.digits + "_"}
+CLASSES = {
+    "0-9a-f": string.hexdigits[:16],
+    "A-Za-z0-9": string.ascii_letters + string.digits,
+    "A-Z2-7": string.ascii_uppercase + "234567",
+    "0-9A-Z": string.digits + string.ascii_uppercase,
+    "A-Za-z0-9_": string.ascii_letters + string.digits + "_",
+}
 EMAIL = "ops.team@example.org"
 # No credential-like names (pass, secret, token, ...): prose must not trip generic_secret.
 _PROSE = """the a of and to in is it that for on with as was by this be are from at or an have not
@@ -47,9 +51,15 @@ quickly carefully usually already often still again later soon never always toda
 simple large small stable slow fast clear final internal external public shared default"""
 WORDS = _PROSE.split()
 CODE = (
-    "def {a}_{b}({c}, {d}=None):", "    {a} = {b}.{c}({d}, timeout={n})", "    if {a} is not None:",
-    "        return {a}[{n}]", "for {a} in {b}.{c}():", "{a}_{b}: int = {n}", "import {a}.{b}",
-    "    {a}.{b}_{c}.append({d})", "# {a} {b} {c} {d}",
+    "def {a}_{b}({c}, {d}=None):",
+    "    {a} = {b}.{c}({d}, timeout={n})",
+    "    if {a} is not None:",
+    "        return {a}[{n}]",
+    "for {a} in {b}.{c}():",
+    "{a}_{b}: int = {n}",
+    "import {a}.{b}",
+    "    {a}.{b}_{c}.append({d})",
+    "# {a} {b} {c} {d}",
 )
 
 
@@ -64,8 +74,9 @@ def secret_rule(index: int, rng: random.Random, prefixes: set[str]) -> tuple[Rul
     infixes = tuple(rng.sample(("live_", "test_", "prod_", "dev_"), 2)) if rng.random() < 0.2 else ()
     pattern = rf"\b{prefix}{'(?:' + '|'.join(infixes) + ')' if infixes else ''}[{cls}]{{{length}}}\b"
     sample = prefix + (infixes[0] if infixes else "") + "".join(rng.choices(CLASSES[cls], k=length))
-    rule = Rule(f"bench.rule-{index + 1:04d}", f"secret {prefix}", Severity.HIGH, Action.BLOCK,
-                RegexSpec(pattern))
+    rule = Rule(
+        f"bench.rule-{index + 1:04d}", f"secret {prefix}", Severity.HIGH, Action.BLOCK, RegexSpec(pattern)
+    )
     return rule, sample
 
 
@@ -100,12 +111,16 @@ def build_text(size: int, rng: random.Random, plant: str) -> str:
     parts: list[str] = []
     length = 0
     while length < size:
-        sentences = (" ".join(rng.choices(WORDS, k=rng.randint(6, 18))).capitalize() + "."
-                     for _ in range(rng.randint(3, 6)))
+        sentences = (
+            " ".join(rng.choices(WORDS, k=rng.randint(6, 18))).capitalize() + "."
+            for _ in range(rng.randint(3, 6))
+        )
         block = " ".join(sentences) + "\n\n"
         if rng.random() < 0.5:
-            lines = (rng.choice(CODE).format(**{k: rng.choice(WORDS[80:]) for k in "abcd"},
-                                             n=rng.randint(1, 999)) for _ in range(rng.randint(3, 8)))
+            lines = (
+                rng.choice(CODE).format(**{k: rng.choice(WORDS[80:]) for k in "abcd"}, n=rng.randint(1, 999))
+                for _ in range(rng.randint(3, 8))
+            )
             block += "\n".join(lines) + "\n\n"
         parts.append(block)
         length += len(block)
@@ -118,8 +133,10 @@ def run(quick: bool) -> dict[str, object]:
     rng = random.Random(SEED)
     rules, samples = build_rules(max(RULE_COUNTS), rng)
     last_regex = max(samples)  # a regex rule near the end of the largest set
-    plant = f"\nPlease revoke {samples['bench.rule-0001']} and {samples[last_regex]} before Friday, " \
-            f"questions to {EMAIL} thanks.\n"
+    plant = (
+        f"\nPlease revoke {samples['bench.rule-0001']} and {samples[last_regex]} before Friday, "
+        f"questions to {EMAIL} thanks.\n"
+    )
     texts = {label: build_text(size, rng, plant) for label, size in SIZES.items()}
     planted = {"bench.rule-0001", last_regex, "bench.rule-0008"}  # rule 0008 is the email detector
 
@@ -172,8 +189,11 @@ def run(quick: bool) -> dict[str, object]:
         "samples": {f"{row} / {label}": len(results[row, label]) for row, label in cells},
         "compile_ms": compile_ms,
         "first_call_ms": first_call_ms,
-        "target": {"us_1000_16kb": big, "ratio_1000_to_10_16kb": big / small,
-                   "met": big <= 150 and big / small <= 3},
+        "target": {
+            "us_1000_16kb": big,
+            "ratio_1000_to_10_16kb": big / small,
+            "met": big <= 150 and big / small <= 3,
+        },
     }
 
 
@@ -186,9 +206,11 @@ def print_markdown(result: dict[str, object]) -> None:
         print(f"| {row} | " + " | ".join(f"{cells[label]:.1f}" for label in SIZES) + " |")
     target = result["target"]
     assert isinstance(target, dict)
-    print(f"\n1000 rules on 16 KB: {target['us_1000_16kb']:.1f} µs (target ≤ 150 µs), "
-          f"ratio to 10 rules: {target['ratio_1000_to_10_16kb']:.2f} (target ≤ 3x)"
-          f" -> {'met' if target['met'] else 'MISSED'}\n")
+    print(
+        f"\n1000 rules on 16 KB: {target['us_1000_16kb']:.1f} µs (target ≤ 150 µs), "
+        f"ratio to 10 rules: {target['ratio_1000_to_10_16kb']:.2f} (target ≤ 3x)"
+        f" -> {'met' if target['met'] else 'MISSED'}\n"
+    )
     compile_ms, first_call = result["compile_ms"], result["first_call_ms"]
     assert isinstance(compile_ms, dict)
     assert isinstance(first_call, dict)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
+from gateway.app import run
+from gateway.config import PARSERS, ConfigError, load_settings
 from gateway.evaluation import EvalInputError, eval_files, render_eval
 from gateway.policy import (
     BUILTIN_POLICY_DIR,
@@ -60,17 +65,46 @@ def _parser() -> argparse.ArgumentParser:
     _policies_option(evaluation)
     evaluation.add_argument("--json", action="store_true", help="one JSON object on stdout")
     evaluation.add_argument(
-        "--min-action", choices=["log", "alert", "block"], default="log",
+        "--min-action",
+        choices=["log", "alert", "block"],
+        default="log",
         help="count a text as flagged only when a rule of this action or stronger matches",
     )
     evaluation.add_argument("files", nargs="+", type=Path, metavar="FILE.jsonl")
     evaluation.set_defaults(run=_eval)
+
+    serve = commands.add_parser(
+        "serve", help="run the gateway (flags override GATEWAY_* variables and --config)"
+    )
+    serve.add_argument("--config", type=Path, help="YAML file of settings (or GATEWAY_CONFIG)")
+    serve.add_argument("--upstream", help="backend base URL (GATEWAY_UPSTREAM)")
+    serve.add_argument("--host", help="public address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="public port (default 8080)")
+    serve.add_argument("--admin-host", help="admin address (default 127.0.0.1)")
+    serve.add_argument("--admin-port", type=int, help="admin port: /healthz, /readyz (default 9090)")
+    _policies_option(serve)
+    serve.add_argument("--body-limit", type=int, help="bytes of a prompt request (default 1 MiB)")
+    serve.add_argument("--response-limit", type=int, help="bytes of an answer held to inspect (8 MiB)")
+    serve.add_argument("--connect-timeout", type=float, help="seconds to connect upstream (5)")
+    serve.add_argument("--read-timeout", type=float, help="seconds between upstream bytes (300)")
+    serve.add_argument(
+        "--response-field",
+        dest="response_fields",
+        action="append",
+        metavar="PATH",
+        help="JSON field of an answer to evaluate, e.g. choices[].message.content (repeatable)",
+    )
+    serve.add_argument("--stream-holdback", type=int, help="most characters a stream is held back (256)")
+    serve.set_defaults(run=_serve)
     return parser
 
 
 def _policies_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--policies", type=Path, action="append", metavar="DIR",
+        "--policies",
+        type=Path,
+        action="append",
+        metavar="DIR",
         help="policy directory or file (repeatable; default: the built-in pack)",
     )
 
@@ -110,6 +144,25 @@ def render_decision(decision: Decision) -> str:
         lines.append(f"- {v.rule_id} [{v.severity.value}] {v.action.label}{shadow}: {v.name}")
         lines.extend(f"    span {s.start}-{s.end} ({s.length} chars)" for s in v.spans)
     return "\n".join(lines)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config_file = args.config or (
+        Path(os.environ["GATEWAY_CONFIG"]) if "GATEWAY_CONFIG" in os.environ else None
+    )
+    try:
+        settings = load_settings(
+            {name: getattr(args, name, None) for name in PARSERS}, os.environ, config_file
+        )
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(f"gateway: {error}", file=sys.stderr)
+        print(f"{len(exc.errors)} error(s): settings refused", file=sys.stderr)
+        return 2
+    ruleset = load_ruleset(settings.policies or [BUILTIN_POLICY_DIR])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(run(settings, ruleset))
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -45,8 +45,12 @@ class Counts:
 
     def as_dict(self) -> dict[str, int | float | None]:
         return {
-            "tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn,
-            "precision": _rounded(self.precision), "recall": _rounded(self.recall),
+            "tp": self.tp,
+            "fp": self.fp,
+            "fn": self.fn,
+            "tn": self.tn,
+            "precision": _rounded(self.precision),
+            "recall": _rounded(self.recall),
             "false_positive_rate": _rounded(self.false_positive_rate),
         }
 
@@ -83,7 +87,7 @@ def read_labelled(path: Path) -> Iterator[tuple[str, bool]]:
                 row = json.loads(line)
                 text, label = row["text"], row["label"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise EvalInputError(f"{path}:{number}: expected {{\"text\", \"label\"}}: {exc}") from None
+                raise EvalInputError(f'{path}:{number}: expected {{"text", "label"}}: {exc}') from None
             if not isinstance(text, str) or label not in (0, 1):
                 raise EvalInputError(f"{path}:{number}: text must be a string and label 0 or 1")
             yield text, bool(label)

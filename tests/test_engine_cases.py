@@ -27,9 +27,7 @@ def test_case(policies: list[dict[str, Any]], case: dict[str, Any], tmp_path: Pa
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"policies": policies}), encoding="utf-8")
     ruleset = load_ruleset([tmp_path])
     text = case["text"]
-    decision = evaluate(
-        ruleset, Stage(case.get("stage", "prompt")), text, Context(**case.get("context", {}))
-    )
+    decision = evaluate(ruleset, Stage(case.get("stage", "prompt")), text, Context(**case.get("context", {})))
     want = case["want"]
     got = {v.rule_id: [[s.start, s.end] for s in v.spans] for v in decision.violations}
     assert got == want["violations"]

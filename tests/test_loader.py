@@ -107,10 +107,12 @@ def test_one_file_with_several_errors_reports_all_of_them_with_lines(write_polic
 
 def test_errors_of_every_file_are_reported_and_formatted_as_path_line_id(write_policies: Write) -> None:
     """Two bad files: both files' errors come out, as path:line: rule-id: message."""
-    directory = write_policies({
-        "a.yaml": GOOD.replace("x\\d+", "(?<=a)b"),
-        "b.yaml": GOOD.replace("a.one", "b.two").replace("HIGH", "huge"),
-    })
+    directory = write_policies(
+        {
+            "a.yaml": GOOD.replace("x\\d+", "(?<=a)b"),
+            "b.yaml": GOOD.replace("a.one", "b.two").replace("HIGH", "huge"),
+        }
+    )
     with pytest.raises(PolicyError) as raised:
         load_rules([directory])
     lines = str(raised.value).splitlines()
@@ -142,7 +144,8 @@ def test_duplicate_ids_across_files_are_refused(write_policies: Write) -> None:
         pytest.param(GOOD + "    scope: {teams: [a]}\n", "unknown key 'teams'", id="an unknown scope"),
         pytest.param(GOOD + "    tests: {match: [1]}\n", "non-empty text", id="a test text must be text"),
         pytest.param(
-            GOOD.replace("{regex: 'x\\d+'}", "{regex: 'a', keywords: [b]}"), "exactly one",
+            GOOD.replace("{regex: 'x\\d+'}", "{regex: 'a', keywords: [b]}"),
+            "exactly one",
             id="two match kinds at once",
         ),
         pytest.param(GOOD.replace("action: 2", "action: true"), "action must be", id="a bool action"),
@@ -187,8 +190,13 @@ def test_the_builtin_pack_loads() -> None:
     """The pack shipped inside the package loads and is the default."""
     ruleset = load_ruleset()
     assert BUILTIN_POLICY_DIR.is_dir()
-    assert {"secrets.aws-access-key-id", "secrets.github-token", "secrets.private-key",
-            "pii.credit-card", "pii.email"} <= {rule.id for rule in ruleset.rules}
+    assert {
+        "secrets.aws-access-key-id",
+        "secrets.github-token",
+        "secrets.private-key",
+        "pii.credit-card",
+        "pii.email",
+    } <= {rule.id for rule in ruleset.rules}
 
 
 def test_a_rule_set_too_large_for_the_re2_budget_is_refused_loudly(write_policies: Write) -> None:

@@ -42,11 +42,30 @@ def ruleset(tmp_path_factory: pytest.TempPathFactory) -> RuleSet:
 
 # Text built from pieces that trigger rules, mixed with arbitrary Unicode (invisible, combining,
 # full-width, surrogates, astral) so that mapping spans back is exercised.
-_pieces = st.sampled_from([
-    "abc1", "ABC", "é x", "e\u0301", "\u200b", "\ufeff", "ＡＢＣ", "ﬁ", "ß", "4111 1111 1111 1111",
-    "a@b.co", "-----BEGIN RSA PRIVATE KEY-----\n", "eyJhbGciOiJub25lIn0.eyJ4IjoxfQ.", "k", " ",
-    "\n", "AKIAIOSFODNN7EXAMPLE", "password = 'Zx81!qWm0Lp3'", "\ud800", "\U0001f600",
-])
+_pieces = st.sampled_from(
+    [
+        "abc1",
+        "ABC",
+        "é x",
+        "e\u0301",
+        "\u200b",
+        "\ufeff",
+        "ＡＢＣ",
+        "ﬁ",
+        "ß",
+        "4111 1111 1111 1111",
+        "a@b.co",
+        "-----BEGIN RSA PRIVATE KEY-----\n",
+        "eyJhbGciOiJub25lIn0.eyJ4IjoxfQ.",
+        "k",
+        " ",
+        "\n",
+        "AKIAIOSFODNN7EXAMPLE",
+        "password = 'Zx81!qWm0Lp3'",
+        "\ud800",
+        "\U0001f600",
+    ]
+)
 texts = st.lists(st.one_of(_pieces, st.text(max_size=8)), max_size=30).map("".join)
 
 

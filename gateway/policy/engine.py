@@ -26,9 +26,7 @@ _NO_CONTEXT = Context()
 ByteSpans = list[tuple[int, int]]
 
 
-def evaluate(
-    ruleset: RuleSet, stage: Stage, text: str, context: Context = _NO_CONTEXT
-) -> Decision:
+def evaluate(ruleset: RuleSet, stage: Stage, text: str, context: Context = _NO_CONTEXT) -> Decision:
     plan = ruleset.plan(stage)
     normalized = normalize(text)
     hits = plan.matcher.Match(normalized.data) if plan.matcher is not None else None
@@ -57,8 +55,7 @@ def evaluate(
                 mode=rule.mode,
                 stage=stage,
                 spans=tuple(
-                    normalized.span(start, end)
-                    for start, end in sorted(set(spans))[:MAX_SPANS_PER_VIOLATION]
+                    normalized.span(start, end) for start, end in sorted(set(spans))[:MAX_SPANS_PER_VIOLATION]
                 ),
             )
         )

@@ -89,8 +89,12 @@ def load_rules(paths: Iterable[Path]) -> tuple[tuple[Rule, ...], str]:
             earlier = first_seen.get(rule.id)
             if earlier is not None:
                 problems.append(
-                    Problem(rule.source, rule.line, rule.id,
-                            f"duplicate id, first defined at {earlier.source}:{earlier.line}")
+                    Problem(
+                        rule.source,
+                        rule.line,
+                        rule.id,
+                        f"duplicate id, first defined at {earlier.source}:{earlier.line}",
+                    )
                 )
                 continue
             first_seen[rule.id] = rule
@@ -161,13 +165,14 @@ def _parse_rule(path: str, node: yaml.Node) -> tuple[Rule | None, list[Problem]]
         id=field(lambda: _rule_id(fields["id"]), rule_id),
         name=field(lambda: _text(fields["name"]), ""),
         description=field(lambda: _text(fields["description"], allow_empty=True), "")
-        if "description" in fields else "",
+        if "description" in fields
+        else "",
         severity=field(lambda: _severity(fields["severity"]), Severity.LOW),
         action=field(lambda: _action(fields["action"]), Action.LOG),
-        mode=field(lambda: _choice(fields["mode"], Mode), Mode.ENFORCE)
-        if "mode" in fields else Mode.ENFORCE,
+        mode=field(lambda: _choice(fields["mode"], Mode), Mode.ENFORCE) if "mode" in fields else Mode.ENFORCE,
         stages=field(lambda: _stages(fields["stages"]), frozenset(Stage))
-        if "stages" in fields else frozenset(Stage),
+        if "stages" in fields
+        else frozenset(Stage),
         scope=field(lambda: _scope(fields["scope"]), Scope()) if "scope" in fields else Scope(),
         match=_match_collecting(fields["match"], report),
         tests=field(lambda: _tests(fields["tests"]), RuleTests()) if "tests" in fields else RuleTests(),
@@ -270,8 +275,10 @@ def _choice(node: yaml.Node, enum: type[E]) -> E:
 
 def _severity(node: yaml.Node) -> Severity:
     value = _scalar(node)
-    if isinstance(value, str) and value.lower() in {s.value for s in Severity} and (
-        value.islower() or value.isupper()
+    if (
+        isinstance(value, str)
+        and value.lower() in {s.value for s in Severity}
+        and (value.islower() or value.isupper())
     ):
         return Severity(value.lower())
     raise _Invalid(node, f"severity must be low | medium | high (or LOW | MEDIUM | HIGH), got {value!r}")

@@ -113,8 +113,13 @@ class _PlanBuilder:
         if _may_match_without_probes(node):
             self.always.add(rule_index)
 
-    def _probe(self, pattern: str, rule_index: int, validate: Validator | None = None,
-               params: Mapping[str, object] | None = None) -> ProbeNode:
+    def _probe(
+        self,
+        pattern: str,
+        rule_index: int,
+        validate: Validator | None = None,
+        params: Mapping[str, object] | None = None,
+    ) -> ProbeNode:
         regex = compile_pattern(pattern)
         index = self.matcher.Add(pattern)
         self.owner.append(rule_index)
@@ -129,9 +134,7 @@ class _PlanBuilder:
                 return AnyNode(tuple(self._probe(keyword_pattern(w), rule_index) for w in words))
             case DetectorSpec(name, params):
                 detector = BUILTIN[name]
-                resolved: dict[str, object] = {
-                    key: param.default for key, param in detector.params.items()
-                }
+                resolved: dict[str, object] = {key: param.default for key, param in detector.params.items()}
                 resolved.update(params)
                 return self._probe(detector.pattern, rule_index, detector.validate, resolved)
             case MaxTokensSpec(limit):
@@ -151,11 +154,17 @@ class _PlanBuilder:
             except re2.error:
                 # Once compiled, a set never fails at match time (RE2's many-match DFA flushes
                 # its cache instead of bailing out), so a too-small budget shows here, loudly.
-                raise PolicyError([Problem(
-                    "<rule set>", 0, "",
-                    f"stage {stage.value}: {len(self.owner)} patterns do not fit RE2's "
-                    f"{set_max_mem / 2**20:g} MiB budget; remove or merge rules",
-                )]) from None
+                raise PolicyError(
+                    [
+                        Problem(
+                            "<rule set>",
+                            0,
+                            "",
+                            f"stage {stage.value}: {len(self.owner)} patterns do not fit RE2's "
+                            f"{set_max_mem / 2**20:g} MiB budget; remove or merge rules",
+                        )
+                    ]
+                ) from None
             matcher = self.matcher
         return StagePlan(tuple(self.rules), matcher, tuple(self.owner), frozenset(self.always))
 
@@ -175,9 +184,7 @@ def _may_match_without_probes(node: Node) -> bool:
             return True
 
 
-def compile_ruleset(
-    rules: tuple[Rule, ...], revision: str, *, set_max_mem: int = SET_MAX_MEM
-) -> RuleSet:
+def compile_ruleset(rules: tuple[Rule, ...], revision: str, *, set_max_mem: int = SET_MAX_MEM) -> RuleSet:
     """Compile loaded rules; patterns are expected to have been checked by the loader."""
     builders = {stage: _PlanBuilder(set_max_mem) for stage in Stage}
     for rule in rules:

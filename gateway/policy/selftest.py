@@ -39,9 +39,7 @@ def run_rule_tests(rules: tuple[Rule, ...]) -> SelfTestReport:
         for expected, texts in ((True, rule.tests.match), (False, rule.tests.no_match)):
             for text in texts:
                 cases += 1
-                matched = any(
-                    evaluate(single, stage, text).violations for stage in unscoped.stages
-                )
+                matched = any(evaluate(single, stage, text).violations for stage in unscoped.stages)
                 if matched != expected:
                     failures.append(CaseFailure(rule.id, rule.source, rule.line, text, expected))
     return SelfTestReport(len(rules), cases, tuple(failures))

@@ -1,0 +1,94 @@
+"""Wiring: the public app, the admin app, and running both until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.policy import RuleSet
+from gateway.routes import add_routes
+from gateway.state import STATE, GatewayState
+
+log = logging.getLogger("gateway")
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    settings = state.settings
+    state.session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
+        ),
+        # Bytes pass through as the upstream sent them; answers to inspect ask for identity.
+        auto_decompress=False,
+        # SECURITY: one session serves every client; it must never carry one's cookies to another.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # Forward only the headers the client sent, not aiohttp's defaults.
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+    )
+    yield
+    await state.session.close()
+    state.session = None
+
+
+def build_public_app(state: GatewayState) -> web.Application:
+    app = web.Application()
+    app[STATE] = state
+    app.cleanup_ctx.append(_upstream_session)
+    add_routes(app)
+    return app
+
+
+def build_admin_app(state: GatewayState) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ruleset = state.ruleset
+        return web.json_response({"ready": True, "revision": ruleset.revision, "rules": len(ruleset.rules)})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def run(settings: Settings, ruleset: RuleSet) -> None:
+    state = GatewayState(settings, ruleset)
+    # SECURITY: a client that goes away cancels its handler, and with it the upstream call.
+    public = web.AppRunner(build_public_app(state), handler_cancellation=True, access_log=None)
+    admin = web.AppRunner(build_admin_app(state), access_log=None)
+    await public.setup()
+    await admin.setup()
+    try:
+        await web.TCPSite(public, settings.host, settings.port).start()
+        await web.TCPSite(admin, settings.admin_host, settings.admin_port).start()
+        log.info(
+            "serving %s",
+            json.dumps(
+                {
+                    "listen": f"{settings.host}:{settings.port}",
+                    "admin": f"{settings.admin_host}:{settings.admin_port}",
+                    "upstream": settings.upstream,
+                    "revision": ruleset.revision,
+                    "rules": len(ruleset.rules),
+                    "stream_holdback_chars": state.holdback,
+                }
+            ),
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await public.cleanup()
+        await admin.cleanup()

@@ -1,0 +1,93 @@
+"""The backend's shapes: error bodies, block bodies, and where its answers carry text."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from gateway.policy import Decision, Stage, Violation
+
+# Where an answer of the conversation API carries text meant for the user. `message` is what
+# the backend sends today; the others are the shapes the docs say may come.
+DEFAULT_RESPONSE_FIELDS = (
+    "message",
+    "content",
+    "response",
+    "text",
+    "choices[].message.content",
+    "choices[].delta.content",
+)
+
+POLICY_BLOCKED = "POLICY_BLOCKED"
+RESPONSE_BLOCKED = "RESPONSE_BLOCKED"
+EVALUATION_FAILED = "POLICY_EVALUATION_FAILED"
+
+
+def error_body(message: str, **extra: object) -> bytes:
+    return json.dumps({"success": False, "message": message, **extra}).encode()
+
+
+def violation_records(violations: Iterable[Violation]) -> list[dict[str, str]]:
+    """What a client may learn of a violation: never the matched text, nor its offsets."""
+    return [
+        {
+            "policyId": v.rule_id,
+            "policyName": v.name,
+            "severity": v.severity.value,
+            "stage": v.stage.value,
+        }
+        for v in violations
+    ]
+
+
+def blocking(decision: Decision) -> list[Violation]:
+    return [v for v in decision.violations if v.effective_action is decision.action]
+
+
+def block_body(decision: Decision) -> bytes:
+    """The 403 body for a blocked prompt or response."""
+    culprits = blocking(decision)
+    names = ", ".join(dict.fromkeys(v.name for v in culprits))
+    if decision.stage is Stage.PROMPT:
+        message, code = f"Prompt blocked by policy: {names}", POLICY_BLOCKED
+    else:
+        message, code = f"Response blocked by policy: {names}", RESPONSE_BLOCKED
+    return error_body(message, error_code=code, violations=violation_records(culprits))
+
+
+def withheld_notice(decision: Decision) -> str:
+    names = ", ".join(dict.fromkeys(v.name for v in blocking(decision)))
+    return f"[This message was withheld by policy: {names}]"
+
+
+def parse_field_path(path: str) -> tuple[str, ...]:
+    """``choices[].message.content`` -> ("choices", "[]", "message", "content")."""
+    steps: list[str] = []
+    for part in path.split("."):
+        if part.endswith("[]"):
+            steps += [part[:-2], "[]"]
+        else:
+            steps.append(part)
+    if not path or any(not step for step in steps):
+        raise ValueError(f"bad response field path {path!r}: use names, dots and [] for lists")
+    return tuple(steps)
+
+
+def extract_texts(payload: Any, paths: Iterable[tuple[str, ...]]) -> list[str]:
+    """Every string found at the given field paths of a JSON value, in path order."""
+    return [text for path in paths for text in _walk(payload, path) if text]
+
+
+def _walk(value: Any, path: tuple[str, ...]) -> Iterator[str]:
+    if not path:
+        if isinstance(value, str):
+            yield value
+        return
+    step, rest = path[0], path[1:]
+    if step == "[]":
+        if isinstance(value, list):
+            for item in value:
+                yield from _walk(item, rest)
+    elif isinstance(value, dict) and step in value:
+        yield from _walk(value[step], rest)

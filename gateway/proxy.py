@@ -1,0 +1,115 @@
+"""Forwarding to the upstream: headers, URLs, pass-through streaming and upstream failures."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.flashback import error_body
+from gateway.state import STATE
+
+log = logging.getLogger("gateway.proxy")
+
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+CHUNK = 64 << 10
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+def _dropped(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    named = {
+        token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")
+    }
+    return HOP_BY_HOP | named
+
+
+def upstream_url(request: web.Request) -> URL:
+    base = str(request.app[STATE].settings.upstream_url).rstrip("/")
+    # The raw path and query, as the client sent them: nothing is re-encoded on the way.
+    return URL(base + request.raw_path, encoded=True)
+
+
+def upstream_headers(request: web.Request, *, inspect: bool = False) -> CIMultiDict[str]:
+    dropped = _dropped(request.headers) | {"host"}
+    if inspect:
+        dropped |= {"content-length", "accept-encoding"}
+    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
+    peer = request.remote or "unknown"
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = request.host
+    target = request.app[STATE].settings.upstream_url
+    host = target.raw_host or ""
+    headers["Host"] = host if target.is_default_port() else f"{host}:{target.port}"
+    if inspect:
+        # The gateway reads this answer; a compressed one could not be inspected.
+        headers["Accept-Encoding"] = "identity"
+    return headers
+
+
+def response_headers(upstream: aiohttp.ClientResponse, *, keep_length: bool) -> CIMultiDict[str]:
+    dropped = _dropped(upstream.headers)
+    if not keep_length:
+        dropped |= {"content-length"}
+    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in dropped)
+
+
+def upstream_failure(exc: BaseException) -> web.Response:
+    """502 for an upstream that cannot be reached or broke off, 504 for one that took too long."""
+    if isinstance(exc, TimeoutError):
+        log.warning("upstream timeout: %s", type(exc).__name__)
+        return json_response(504, error_body("Upstream timed out"))
+    log.warning("upstream unreachable: %s", type(exc).__name__)
+    return json_response(502, error_body("Upstream unreachable"))
+
+
+def json_response(status: int, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+async def stream_back(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Send the upstream's answer as it arrives, in bounded chunks."""
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(response_headers(upstream, keep_length=True))
+    await response.prepare(request)
+    async for chunk in upstream.content.iter_chunked(CHUNK):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def pass_through(request: web.Request) -> web.StreamResponse:
+    """Everything the gateway does not inspect: forwarded unchanged, streamed both ways."""
+    try:
+        upstream = await request.app[STATE].session.request(
+            request.method,
+            upstream_url(request),
+            headers=upstream_headers(request),
+            data=request.content if request.body_exists else None,
+            allow_redirects=False,
+        )
+    except UPSTREAM_ERRORS as exc:
+        return upstream_failure(exc)
+    try:
+        # The status is sent from here on: a failure can only cut the answer short.
+        return await stream_back(request, upstream)
+    finally:
+        upstream.release()

@@ -1,0 +1,233 @@
+"""Policy enforcement on a streamed answer, as pure logic that the proxy drives event by event.
+
+Guarantee: a match of a block rule that is at most ``holdback`` characters long never reaches
+the client; a longer match may have its first characters released before the block ends the
+stream. Lengths count characters of the stream text, so invisible characters or combining
+marks inside a match make it longer than its pattern's width.
+
+Cost: the client sees the text ``holdback`` characters late; held events are released as more
+text arrives, or at the end of the stream.
+
+Why it holds: events are released in order, and only once ``holdback`` characters of text
+follow them. A match ending in newly arrived text starts at most ``holdback`` characters
+before that text, so the window evaluated on each arrival sees it whole while none of its
+characters has been released yet. Rules that judge the whole text (``all``, ``not``,
+``max_tokens``) judge only that window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import re
+import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.flashback import extract_texts
+from gateway.policy import Action, Context, Decision, RuleSet, Span, Stage, Violation, evaluate
+from gateway.policy.ruleset import AllNode, AnyNode, MaxTokensNode, Node, NotNode, ProbeNode
+
+# Python's own parser measures RE2 patterns; it has no typed stub (3.11's ``re._parser``).
+_sre_parser: Any = importlib.import_module("re._parser")
+_MAXREPEAT: int = importlib.import_module("re._constants").MAXREPEAT
+
+# Characters evaluated before the earliest possible start of a new match, so that ``\b`` and
+# combining marks at the window's edge read as they do in the whole text.
+WINDOW_CONTEXT = 16
+
+# An empty line ends an event; a line ends with CRLF, LF or CR, and a CRLF is never two ends.
+_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+_LINE_END = re.compile(r"\r\n|\n|\r")
+
+
+class EventTooLarge(ValueError):
+    """An event outgrew ``max_event_bytes``: holding it whole would leave memory unbounded."""
+
+
+class SSESplitter:
+    """Cuts a ``text/event-stream`` body, chunked anyhow, into whole events."""
+
+    def __init__(self, max_event_bytes: int) -> None:
+        self._max = max_event_bytes
+        self._pending = bytearray()
+        self._scan = 0  # where an event end may still begin
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._pending += chunk
+        events: list[bytes] = []
+        start = 0
+        while (found := _EVENT_END.search(self._pending, max(start, self._scan))) is not None:
+            end = found.end()
+            # A CR at the very end may be the first half of a CRLF still on its way.
+            if end == len(self._pending) and self._pending.endswith(b"\r"):
+                self._scan = found.start()
+                break
+            events.append(self._checked(bytes(self._pending[start:end])))
+            start = self._scan = end
+        else:
+            self._scan = max(start, len(self._pending) - 3)
+        del self._pending[:start]
+        self._scan -= start
+        self._checked(self._pending)
+        return events
+
+    def flush(self) -> bytes:
+        """The remainder at end of stream: an unterminated event, or one ended by a lone CR."""
+        rest, self._pending, self._scan = bytes(self._pending), bytearray(), 0
+        return rest
+
+    def _checked(self, event: bytes | bytearray) -> bytes:
+        if len(event) > self._max:
+            raise EventTooLarge(f"a streamed event exceeds {self._max} bytes")
+        return bytes(event)
+
+
+def sse_event_text(event: bytes, paths: Sequence[tuple[str, ...]]) -> str:
+    """The text of one event that a user would read."""
+    data = [
+        value[1:] if value.startswith(" ") else value
+        for line in _LINE_END.split(event.decode("utf-8", errors="replace"))
+        if line and not line.startswith(":")
+        for field, _, value in [line.partition(":")]
+        if field == "data"
+    ]
+    joined = "\n".join(data)
+    if joined == "[DONE]":
+        return ""
+    try:
+        payload = json.loads(joined)
+    except ValueError:
+        return joined
+    if isinstance(payload, dict | list):
+        return "".join(extract_texts(payload, paths))
+    return joined
+
+
+def holdback_chars(ruleset: RuleSet, stage: Stage, cap: int) -> int:
+    """The longest match any enforced block rule of the stage can have, at most ``cap``."""
+    widths = [
+        _pattern_width(pattern, cap)
+        for compiled in ruleset.plan(stage).rules
+        if compiled.rule.effective_action is Action.BLOCK
+        for pattern in _patterns(compiled.node)
+    ]
+    return min(max(widths, default=0), cap)
+
+
+def _patterns(node: Node) -> Iterator[str]:
+    match node:
+        case ProbeNode(probe):
+            yield probe.regex.pattern
+        case AnyNode(parts) | AllNode(parts):
+            for part in parts:
+                yield from _patterns(part)
+        case NotNode(part):
+            yield from _patterns(part)
+        case MaxTokensNode():
+            return
+
+
+def _pattern_width(pattern: str, cap: int) -> int:
+    # RE2 reads ``x{,n}`` as literal text, Python as a repeat: the width would come out short.
+    if "{," in pattern:
+        return cap
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            width = int(_sre_parser.parse(pattern).getwidth()[1])
+    except (re.error, RecursionError, OverflowError):
+        # RE2-only syntax (``\pL``, ``\x{..}``, ``\z``): unknown, so assume the worst.
+        return cap
+    return cap if width >= _MAXREPEAT else min(width, cap)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStep:
+    """What the caller does after one event: send ``release``, or end the stream if ``blocked``."""
+
+    release: tuple[bytes, ...]
+    blocked: Decision | None = None
+    # Log/alert violations first seen now, spans in offsets of the whole stream text.
+    violations: tuple[Violation, ...] = ()
+
+
+class StreamGuard:
+    """Holds events back until enough text follows them that no block match can span them."""
+
+    def __init__(
+        self, ruleset: RuleSet, context: Context, *, holdback: int, stage: Stage = Stage.RESPONSE
+    ) -> None:
+        if holdback < 0:
+            raise ValueError("holdback must be >= 0")
+        self._ruleset, self._context, self._stage, self._holdback = ruleset, context, stage, holdback
+        self._end = 0  # length of the stream text so far
+        self._tail, self._tail_start = "", 0  # the stream text from the next window's start
+        self._held: deque[tuple[int, bytes]] = deque()  # (end of its text, event)
+        # Per rule, the end of the furthest span reported: a later window that sees that match
+        # again, cut at the window's start or grown at its end, is the same match.
+        self._reported: dict[str, int] = {}
+        self._closed = False
+
+    def feed(self, event: bytes, text: str) -> StreamStep:
+        self._check_open()
+        self._end += len(text)
+        self._tail += text
+        self._held.append((self._end, event))
+        violations: tuple[Violation, ...] = ()
+        if text:  # without new text no new match is possible
+            # The tail starts where a match ending in the new text may start, less the context.
+            start = self._tail_start
+            decision = evaluate(self._ruleset, self._stage, self._tail, self._context)
+            violations = self._fresh(decision, start)
+            keep = max(0, self._end - self._holdback - WINDOW_CONTEXT)
+            self._tail, self._tail_start = self._tail[keep - start :], keep
+            if decision.blocked:
+                self._closed = True
+                self._held.clear()
+                shifted = tuple(_shift(v, start) for v in decision.violations)
+                return StreamStep((), dataclasses.replace(decision, violations=shifted), violations)
+        return StreamStep(self._release(self._end - self._holdback), None, violations)
+
+    def finish(self) -> StreamStep:
+        """Release every held event: all their text has already been evaluated."""
+        self._check_open()
+        self._closed = True
+        return StreamStep(self._release(self._end))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the stream was blocked or finished; nothing more may pass")
+
+    def _release(self, upto: int) -> tuple[bytes, ...]:
+        released: list[bytes] = []
+        while self._held and self._held[0][0] <= upto:
+            released.append(self._held.popleft()[1])
+        return tuple(released)
+
+    def _fresh(self, decision: Decision, offset: int) -> tuple[Violation, ...]:
+        fresh: list[Violation] = []
+        for violation in decision.violations:
+            if violation.effective_action is Action.BLOCK:
+                continue
+            rule_id = violation.rule_id
+            if not violation.spans:
+                if rule_id not in self._reported:
+                    self._reported[rule_id] = -1
+                    fresh.append(violation)
+                continue
+            shifted = _shift(violation, offset)
+            frontier = self._reported.get(rule_id, -1)
+            new = tuple(s for s in shifted.spans if s.start >= frontier and s.end > frontier)
+            self._reported[rule_id] = max(frontier, *(s.end for s in shifted.spans))
+            if new:
+                fresh.append(dataclasses.replace(shifted, spans=new))
+        return tuple(fresh)
+
+
+def _shift(violation: Violation, offset: int) -> Violation:
+    spans = tuple(Span(s.start + offset, s.end + offset) for s in violation.spans)
+    return dataclasses.replace(violation, spans=spans)

@@ -537,3 +537,25 @@ async def test_a_stream_event_too_large_to_inspect_ends_the_stream(
     assert b"z" * 100 not in received
     assert received.endswith(b"\n\n")
     assert b'"error_code": "RESPONSE_BLOCKED"' in received.split(b"event: error\n")[-1]
+
+
+async def test_a_chunked_text_answer_is_guarded_like_a_stream(
+    gateway: TestServer, upstream: tuple[Upstream, TestServer], client: aiohttp.ClientSession
+) -> None:
+    """A chunked text/plain answer with a key split across chunks never shows the key."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for part in ("The key is ", KEY[:6], KEY[6:], " and more."):
+            await response.write(part.encode())
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
+    upstream[0].handler = stream
+    async with client.post(_url(gateway, "/conversation/c/prompt"), json={"prompt": "hi"}) as response:
+        received = await response.read()
+    assert b"AKIA" not in received
+    assert json.loads(received.strip())["error_code"] == "RESPONSE_BLOCKED"

@@ -1,0 +1,105 @@
+"""Added latency of the gateway over a direct call: one connection, sequential 1 KB prompts.
+
+    .venv/bin/python bench/latency.py [--requests 3000]
+
+Starts bench/upstream.py and `gateway serve` (built-in pack, memory store) as processes on
+loopback, then sends the same 1 KB prompt alternately to the upstream directly and through the
+gateway over one kept-alive connection each, so both see the same machine noise. Prints p50,
+p90 and p99 of each path and the difference of the medians: the gateway's added latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+# About 1 KB of ordinary prompt text (no rule of the pack matches it).
+PROMPT = ("Summarise the design review notes and list the open questions for the team. " * 14)[:1000]
+BODY = json.dumps({"prompt": PROMPT, "model": "gpt-4o"}).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def wait_until_up(session: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(200):
+        try:
+            async with session.get(url) as response:
+                await response.read()
+                return
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.05)
+    raise SystemExit(f"{url} did not come up")
+
+
+def quantile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def measure(requests: int) -> dict[str, list[float]]:
+    up_port, gw_port, admin_port = free_port(), free_port(), free_port()
+    upstream = await asyncio.create_subprocess_exec(sys.executable, str(HERE / "upstream.py"), str(up_port))
+    gateway = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--upstream", f"http://127.0.0.1:{up_port}",
+        "--port", str(gw_port), "--admin-port", str(admin_port),
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    targets = {
+        "direct": f"http://127.0.0.1:{up_port}/conversation/c1/prompt",
+        "gateway": f"http://127.0.0.1:{gw_port}/conversation/c1/prompt",
+    }
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    try:
+        sessions = {
+            name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for name in targets
+        }
+        await wait_until_up(sessions["direct"], f"http://127.0.0.1:{up_port}/")
+        await wait_until_up(sessions["gateway"], f"http://127.0.0.1:{admin_port}/healthz")
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
+        for index in range(requests + 200):
+            for name, url in targets.items():
+                started = time.perf_counter()
+                async with sessions[name].post(url, data=BODY, headers=headers) as response:
+                    await response.read()
+                    if response.status != 200:
+                        raise SystemExit(f"{name}: status {response.status}")
+                if index >= 200:  # warm-up excluded
+                    samples[name].append((time.perf_counter() - started) * 1000)
+        for session in sessions.values():
+            await session.close()
+    finally:
+        for process in (gateway, upstream):
+            process.terminate()
+            await process.wait()
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=3000)
+    args = parser.parse_args()
+    samples = asyncio.run(measure(args.requests))
+    print(f"{args.requests} sequential 1 KB prompts per path, one connection, interleaved\n")
+    print("| path | p50 ms | p90 ms | p99 ms |\n|---|---|---|---|")
+    for name, values in samples.items():
+        print(f"| {name} | {statistics.median(values):.3f} | {quantile(values, 0.9):.3f} | "
+              f"{quantile(values, 0.99):.3f} |")
+    added = statistics.median(samples["gateway"]) - statistics.median(samples["direct"])
+    print(f"\ngateway adds {added:.3f} ms at p50 (built-in pack, prompt and response stages)")
+
+
+if __name__ == "__main__":
+    main()

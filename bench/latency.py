@@ -53,8 +53,16 @@ async def measure(requests: int) -> dict[str, list[float]]:
     up_port, gw_port, admin_port = free_port(), free_port(), free_port()
     upstream = await asyncio.create_subprocess_exec(sys.executable, str(HERE / "upstream.py"), str(up_port))
     gateway = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--upstream", f"http://127.0.0.1:{up_port}",
-        "--port", str(gw_port), "--admin-port", str(admin_port),
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--upstream",
+        f"http://127.0.0.1:{up_port}",
+        "--port",
+        str(gw_port),
+        "--admin-port",
+        str(admin_port),
         stderr=asyncio.subprocess.DEVNULL,
     )
     targets = {
@@ -63,9 +71,7 @@ async def measure(requests: int) -> dict[str, list[float]]:
     }
     samples: dict[str, list[float]] = {name: [] for name in targets}
     try:
-        sessions = {
-            name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for name in targets
-        }
+        sessions = {name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for name in targets}
         await wait_until_up(sessions["direct"], f"http://127.0.0.1:{up_port}/")
         await wait_until_up(sessions["gateway"], f"http://127.0.0.1:{admin_port}/healthz")
         headers = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
@@ -95,8 +101,10 @@ def main() -> None:
     print(f"{args.requests} sequential 1 KB prompts per path, one connection, interleaved\n")
     print("| path | p50 ms | p90 ms | p99 ms |\n|---|---|---|---|")
     for name, values in samples.items():
-        print(f"| {name} | {statistics.median(values):.3f} | {quantile(values, 0.9):.3f} | "
-              f"{quantile(values, 0.99):.3f} |")
+        print(
+            f"| {name} | {statistics.median(values):.3f} | {quantile(values, 0.9):.3f} | "
+            f"{quantile(values, 0.99):.3f} |"
+        )
     added = statistics.median(samples["gateway"]) - statistics.median(samples["direct"])
     print(f"\ngateway adds {added:.3f} ms at p50 (built-in pack, prompt and response stages)")
 

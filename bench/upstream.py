@@ -1,6 +1,6 @@
 """A minimal stand-in for the backend: answers every request with a small JSON body.
 
-    .venv/bin/python bench/upstream.py PORT
+.venv/bin/python bench/upstream.py PORT
 """
 
 from __future__ import annotations

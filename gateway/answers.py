@@ -6,6 +6,7 @@ import codecs
 import json
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -21,6 +22,7 @@ from gateway.policy import Action, Context, Decision, Stage, evaluate
 from gateway.proxy import json_response, response_headers, stream_back
 from gateway.state import STATE, GatewayState
 from gateway.streaming import EventTooLarge, SSESplitter, StreamGuard, sse_event_text
+from gateway.usage.accounting import Exchange
 
 log = logging.getLogger("gateway.answers")
 
@@ -87,7 +89,10 @@ def _is_streamed_text(upstream: aiohttp.ClientResponse) -> bool:
 
 
 async def inspect_answer(
-    request: web.Request, upstream: aiohttp.ClientResponse, context: Context
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    context: Context,
+    exchange: Exchange | None = None,
 ) -> web.StreamResponse:
     """The prompt's answer: evaluated whole, or event by event when it streams."""
     state = request.app[STATE]
@@ -98,13 +103,16 @@ async def inspect_answer(
         log.warning("answer not inspectable: content encoding %s", encoding)
         return json_response(502, error_body("Upstream answer is encoded and cannot be inspected"))
     if _is_streamed_text(upstream):
-        return await guarded_stream(request, upstream, context)
+        return await guarded_stream(request, upstream, context, exchange)
     try:
         raw = await read_bounded(upstream.content, state.settings.response_limit)
     except AnswerTooLarge:
         log.warning("answer not inspectable: over %d bytes", state.settings.response_limit)
         return json_response(502, error_body("Upstream answer too large to inspect"))
-    texts = _answer_texts(raw, state, json_answer=_is_json(upstream))
+    texts, payload = _answer_texts(raw, state, json_answer=_is_json(upstream))
+    if exchange is not None:
+        exchange.response_texts = texts
+        exchange.note_reported(payload)
     decision = strongest(
         Stage.RESPONSE,
         state.ruleset.revision,
@@ -120,19 +128,24 @@ async def inspect_answer(
     )
 
 
-def _answer_texts(raw: bytes, state: GatewayState, *, json_answer: bool) -> list[str]:
-    text = raw.decode("utf-8", errors="replace")
+def _answer_texts(raw: bytes, state: GatewayState, *, json_answer: bool) -> tuple[list[str], Any]:
+    """The texts to evaluate, and the parsed JSON answer (None when it is not JSON)."""
     if json_answer:
         try:
-            return extract_texts(json.loads(raw), state.field_paths)
+            payload = json.loads(raw)
         except ValueError:
             pass
+        else:
+            return extract_texts(payload, state.field_paths), payload
     # Not JSON, or JSON that does not parse: the whole body is what a client would read.
-    return [text]
+    return [raw.decode("utf-8", errors="replace")], None
 
 
 async def guarded_stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, context: Context
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    context: Context,
+    exchange: Exchange | None = None,
 ) -> web.StreamResponse:
     """Forward a streamed answer while evaluating it; a block ends it with an error event."""
     state = request.app[STATE]
@@ -147,6 +160,8 @@ async def guarded_stream(
     async def send(events: list[bytes], *, final: bool = False) -> bool:
         for event in events:
             text = sse_event_text(event, state.field_paths) if sse else decoder.decode(event, final)
+            if exchange is not None:
+                _note_streamed(exchange, event, text, limit=state.settings.response_limit, sse=sse)
             step = guard.feed(event, text)
             for v in step.violations:
                 log.info("stream violation rule=%s action=%s", v.rule_id, v.action.label)
@@ -178,6 +193,19 @@ async def guarded_stream(
             await response.write(released)
     await response.write_eof()
     return response
+
+
+def _note_streamed(exchange: Exchange, event: bytes, text: str, *, limit: int, sse: bool) -> None:
+    if text and sum(map(len, exchange.response_texts)) < limit:
+        exchange.response_texts.append(text)
+    # Usage, when the upstream reports it, comes in one of the last events.
+    if sse and (b'"usage"' in event or b"tokens" in event or b"tokenCount" in event):
+        for line in event.splitlines():
+            if line.startswith(b"data:"):
+                try:
+                    exchange.note_reported(json.loads(line[5:]))
+                except ValueError:
+                    continue
 
 
 async def withhold_messages(

@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import aiohttp
 from aiohttp import web
@@ -15,6 +16,7 @@ from gateway.config import Settings
 from gateway.policy import RuleSet
 from gateway.routes import add_routes
 from gateway.state import STATE, GatewayState
+from gateway.usage.store import Period, StoreUnavailable, Totals
 
 log = logging.getLogger("gateway")
 
@@ -38,10 +40,20 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     state.session = None
 
 
+async def _usage(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.store.start()
+    yield
+    # Every answered request's usage is recorded, then flushed, before the store closes.
+    await state.accountant.drain()
+    await state.store.close()
+
+
 def build_public_app(state: GatewayState) -> web.Application:
     app = web.Application()
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_usage)
     add_routes(app)
     return app
 
@@ -54,10 +66,35 @@ def build_admin_app(state: GatewayState) -> web.Application:
         ruleset = state.ruleset
         return web.json_response({"ready": True, "revision": ruleset.revision, "rules": len(ruleset.rules)})
 
+    async def usage(request: web.Request) -> web.Response:
+        period_name = request.query.get("period", "day")
+        if period_name not in {"day", "month"}:
+            return web.json_response({"success": False, "message": "period must be day or month"}, status=400)
+        workspace, period, now = request.match_info["workspace"], Period(period_name), datetime.now(UTC)
+        try:
+            totals = await state.store.totals(workspace, period, now)
+        except StoreUnavailable:
+            return web.json_response({"success": False, "message": "usage store unavailable"}, status=503)
+        return web.json_response(usage_body(workspace, period, now, totals))
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/usage/{workspace}", usage)
     return app
+
+
+def usage_body(workspace: str, period: Period, now: datetime, totals: Totals) -> dict[str, object]:
+    return {
+        "success": True,
+        "workspace": workspace,
+        "period": period.value,
+        "bucket": period.bucket(now),
+        "promptTokens": totals.prompt_tokens,
+        "responseTokens": totals.response_tokens,
+        "totalTokens": totals.tokens,
+        "requests": totals.requests,
+    }
 
 
 async def run(settings: Settings, ruleset: RuleSet) -> None:

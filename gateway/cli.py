@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway import __version__
-from gateway.app import run
+from gateway.app import run, usage_body
 from gateway.config import PARSERS, ConfigError, load_settings
 from gateway.evaluation import EvalInputError, eval_files, render_eval
 from gateway.policy import (
@@ -24,6 +26,8 @@ from gateway.policy import (
     load_ruleset,
 )
 from gateway.policy.selftest import run_rule_tests
+from gateway.usage.redis_store import RedisUsageStore
+from gateway.usage.store import Period, StoreUnavailable, Totals
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +99,26 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON field of an answer to evaluate, e.g. choices[].message.content (repeatable)",
     )
     serve.add_argument("--stream-holdback", type=int, help="most characters a stream is held back (256)")
+    serve.add_argument("--redis-url", help="count usage in Redis (REDIS_URL); default: process memory")
+    serve.add_argument("--redis-timeout", type=float, help="seconds a Redis call may take (0.25)")
+    serve.add_argument("--workspace-header", help="trusted header naming the workspace (off unless given)")
+    serve.add_argument(
+        "--workspace-lookup-pages", type=int, help="pages of GET /conversation a lookup reads (5)"
+    )
+    serve.add_argument(
+        "--quota-fail-closed",
+        action="store_const",
+        const=True,
+        default=None,
+        help="refuse budgeted workspaces while Redis is down (default: serve them)",
+    )
     serve.set_defaults(run=_serve)
+
+    usage = commands.add_parser("usage", help="a workspace's token totals, read from Redis")
+    usage.add_argument("workspace")
+    usage.add_argument("--redis-url", help="default: REDIS_URL")
+    usage.add_argument("--period", choices=["day", "month"], default="day")
+    usage.set_defaults(run=_usage)
     return parser
 
 
@@ -162,6 +185,33 @@ def _serve(args: argparse.Namespace) -> int:
     ruleset = load_ruleset(settings.policies or [BUILTIN_POLICY_DIR])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     asyncio.run(run(settings, ruleset))
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    url = args.redis_url or os.environ.get("REDIS_URL")
+    if not url:
+        print(
+            "gateway: no Redis to read (--redis-url or REDIS_URL); with the in-memory store, "
+            "ask the running gateway: GET /usage/WORKSPACE on its admin port",
+            file=sys.stderr,
+        )
+        return 2
+    period, now = Period(args.period), datetime.now(UTC)
+
+    async def read() -> Totals:
+        store = RedisUsageStore(url, timeout=2.0)
+        try:
+            return await store.totals(args.workspace, period, now)
+        finally:
+            await store.close()
+
+    try:
+        totals = asyncio.run(read())
+    except StoreUnavailable:
+        print(f"gateway: Redis at {url} did not answer", file=sys.stderr)
+        return 1
+    print(json.dumps(usage_body(args.workspace, period, now, totals)))
     return 0
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -22,6 +23,14 @@ class ConfigError(Exception):
     def __init__(self, errors: list[str]) -> None:
         self.errors = errors
         super().__init__("\n".join(errors))
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Token budgets of one workspace, per UTC day and per UTC month (``None``: no limit)."""
+
+    daily: int | None = None
+    monthly: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +48,20 @@ class Settings:
     read_timeout: float = 300.0
     response_fields: tuple[str, ...] = DEFAULT_RESPONSE_FIELDS
     stream_holdback: int = 256  # most characters a stream is held back
+    redis_url: str | None = None  # None: usage is kept in process memory
+    redis_timeout: float = 0.25
+    usage_buffer: int = 100_000  # records held while Redis is down
+    # Workspace resolution: a header only when an operator names it (it must be set by a
+    # component the gateway trusts), then what answers taught, then a lookup at the upstream.
+    workspace_header: str | None = None
+    workspace_lookup_pages: int = 5
+    workspace_cache_ttl: float = 300.0
+    quotas: Mapping[str, Budget] = field(default_factory=dict)
+    quota_fail_closed: bool = False
+    # Within this many tokens of a budget, an instance admits one request of the workspace at a
+    # time, so a shared budget is overrun by at most one request per instance.
+    quota_margin: int = 16_384
+    model_encodings: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def upstream_url(self) -> URL:
@@ -100,6 +123,52 @@ def _paths(value: object) -> tuple[Path, ...]:
     return tuple(Path(item) for item in items if str(item))
 
 
+def _optional_text(value: object) -> str | None:
+    return None if value in (None, "") else _text(value)
+
+
+def _redis_url(value: object) -> str | None:
+    if value in (None, ""):
+        return None
+    url = URL(str(value))
+    schemes = {"redis", "rediss", "unix", "redis+cluster", "rediss+cluster"}
+    if url.scheme not in schemes:
+        raise ValueError(f"must be a Redis URL ({', '.join(sorted(schemes))})")
+    return str(value)
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _quotas(value: object) -> Mapping[str, Budget]:
+    if not isinstance(value, dict):
+        raise ValueError("must map workspace ids to {daily: N, monthly: N}")
+    budgets: dict[str, Budget] = {}
+    for workspace, limits in value.items():
+        if not isinstance(limits, dict) or not limits or set(limits) - {"daily", "monthly"}:
+            raise ValueError(f"workspace {workspace!r}: expected {{daily: N, monthly: N}}")
+        budgets[str(workspace)] = Budget(**{period: _positive_int(limit) for period, limit in limits.items()})
+    return MappingProxyType(budgets)
+
+
+def _model_encodings(value: object) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError("must map model name prefixes to o200k_base or cl100k_base")
+    known = {"o200k_base", "cl100k_base"}
+    bad = {str(k): v for k, v in value.items() if v not in known}
+    if bad:
+        raise ValueError(f"unknown encodings {bad} (known: {', '.join(sorted(known))})")
+    return MappingProxyType({str(k): str(v) for k, v in value.items()})
+
+
 def _fields(value: object) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
@@ -122,7 +191,19 @@ PARSERS: Mapping[str, Callable[[object], Any]] = {
     "read_timeout": _positive_float,
     "response_fields": _fields,
     "stream_holdback": _non_negative_int,
+    "redis_url": _redis_url,
+    "redis_timeout": _positive_float,
+    "usage_buffer": _positive_int,
+    "workspace_header": _optional_text,
+    "workspace_lookup_pages": _non_negative_int,
+    "workspace_cache_ttl": _positive_float,
+    "quotas": _quotas,
+    "quota_fail_closed": _bool,
+    "quota_margin": _non_negative_int,
+    "model_encodings": _model_encodings,
 }
+# Read from these variables too, as the ecosystem names them.
+ENV_ALIASES = {"redis_url": "REDIS_URL"}
 assert set(PARSERS) == {f.name for f in fields(Settings)}
 
 
@@ -138,9 +219,9 @@ def load_settings(
         for key, value in _read_file(config_file, errors).items():
             raw[key] = (f"{config_file}: {key}", value)
     for name in PARSERS:
-        env_name = ENV_PREFIX + name.upper()
-        if env_name in environ:
-            raw[name] = (env_name, environ[env_name])
+        for env_name in (ENV_ALIASES.get(name), ENV_PREFIX + name.upper()):
+            if env_name and env_name in environ:
+                raw[name] = (env_name, environ[env_name])
     for name, value in flags.items():
         if value is not None:
             raw[name] = ("--" + name.replace("_", "-"), value)

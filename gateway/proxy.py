@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -85,31 +86,47 @@ def json_response(status: int, body: bytes) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
-async def stream_back(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    """Send the upstream's answer as it arrives, in bounded chunks."""
+async def stream_back(
+    request: web.Request, upstream: aiohttp.ClientResponse, tap: Callable[[bytes], None] | None = None
+) -> web.StreamResponse:
+    """Send the upstream's answer as it arrives, in bounded chunks (``tap`` sees each one)."""
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(response_headers(upstream, keep_length=True))
     await response.prepare(request)
     async for chunk in upstream.content.iter_chunked(CHUNK):
+        if tap is not None:
+            tap(chunk)
         await response.write(chunk)
     await response.write_eof()
     return response
 
 
-async def pass_through(request: web.Request) -> web.StreamResponse:
-    """Everything the gateway does not inspect: forwarded unchanged, streamed both ways."""
+async def pass_through(
+    request: web.Request,
+    *,
+    body: bytes | None = None,
+    tap: Callable[[bytes], None] | None = None,
+) -> web.StreamResponse:
+    """Everything the gateway does not inspect: forwarded unchanged, streamed both ways.
+
+    ``body``, when the caller already read it, is sent instead of the request's stream; with a
+    ``tap`` the answer is asked for uncompressed, so that what the tap sees can be parsed.
+    """
+    data: bytes | aiohttp.StreamReader | None = body
+    if body is None and request.body_exists:
+        data = request.content
     try:
         upstream = await request.app[STATE].session.request(
             request.method,
             upstream_url(request),
-            headers=upstream_headers(request),
-            data=request.content if request.body_exists else None,
+            headers=upstream_headers(request, inspect=tap is not None),
+            data=data,
             allow_redirects=False,
         )
     except UPSTREAM_ERRORS as exc:
         return upstream_failure(exc)
     try:
         # The status is sent from here on: a failure can only cut the answer short.
-        return await stream_back(request, upstream)
+        return await stream_back(request, upstream, tap)
     finally:
         upstream.release()

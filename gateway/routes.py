@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import re
+from typing import Any
 from urllib.parse import unquote
 
+import aiohttp
 from aiohttp import web
 
 from gateway.answers import (
@@ -17,7 +20,7 @@ from gateway.answers import (
     read_bounded,
     withhold_messages,
 )
-from gateway.flashback import EVALUATION_FAILED, block_body, error_body
+from gateway.flashback import EVALUATION_FAILED, QUOTA_EXCEEDED, block_body, error_body
 from gateway.policy import Context, Stage
 from gateway.proxy import (
     UPSTREAM_ERRORS,
@@ -28,6 +31,11 @@ from gateway.proxy import (
     upstream_url,
 )
 from gateway.state import STATE
+from gateway.usage.accounting import Exchange
+from gateway.usage.quota import Verdict
+from gateway.usage.workspaces import UNRESOLVED, PageFetcher, Placement, Resolution
+
+log = logging.getLogger("gateway.routes")
 
 # Case-insensitive, trailing slash allowed: the routing rules of a typical Node backend, so
 # that no spelling the backend accepts as the prompt route slips past uninspected.
@@ -63,9 +71,16 @@ def intercepted_route(request: web.Request) -> tuple[str, str] | web.Response | 
     return plain.group(2).lower(), conversation_id
 
 
+_CONVERSATIONS = re.compile(r"^/conversation/?$", re.IGNORECASE)
+# Conversation lists are small (100 at most a page); a larger answer is passed on unlearned.
+_LEARN_LIMIT = 1 << 20
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     route = intercepted_route(request)
     if route is None:
+        if request.method in {"GET", "POST"} and _CONVERSATIONS.match(request.path):
+            return await learn_conversations(request)
         return await pass_through(request)
     if isinstance(route, web.Response):
         return route
@@ -83,10 +98,86 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         )
 
 
-def request_context(request: web.Request) -> Context:
-    # Workspace and repo resolution comes with token accounting; until then rules scoped to
-    # them do not apply (see README, Scope).
-    return Context()
+async def learn_conversations(request: web.Request) -> web.StreamResponse:
+    """Pass ``GET``/``POST /conversation`` through, learning where conversations live."""
+    state = request.app[STATE]
+    directory = state.resolver.directory
+    body: bytes | None = None
+    if request.method == "POST" and (request.content_length or 0) <= state.settings.body_limit:
+        body = await request.read()
+    seen: list[bytes] = []
+    size = 0
+
+    def tap(chunk: bytes) -> None:
+        nonlocal size
+        size += len(chunk)
+        if size <= _LEARN_LIMIT:
+            seen.append(chunk)
+
+    response = await pass_through(request, body=body, tap=tap)
+    if response.status == 200 and size <= _LEARN_LIMIT:
+        try:
+            answer = json.loads(b"".join(seen))
+            if request.method == "GET":
+                directory.learn_list(answer)
+            elif body is not None:
+                directory.learn_created(json.loads(body), answer)
+        except ValueError:
+            pass
+    return response
+
+
+def _page_fetcher(request: web.Request) -> PageFetcher | None:
+    """Pages of the caller's own conversation list, asked with the caller's own credentials."""
+    authorization = request.headers.get("Authorization")
+    if not authorization:
+        return None
+    state = request.app[STATE]
+    base = str(state.settings.upstream_url).rstrip("/")
+
+    async def fetch(take: int, skip: int) -> tuple[int, Any]:
+        async with state.session.get(
+            f"{base}/conversation",
+            params={"take": str(take), "skip": str(skip)},
+            headers={
+                "Authorization": authorization,
+                "Accept": "application/json",
+                "Accept-Encoding": "identity",
+            },
+            timeout=aiohttp.ClientTimeout(total=state.settings.connect_timeout + 5),
+        ) as answer:
+            if answer.status != 200:
+                return answer.status, None
+            return 200, json.loads(await read_bounded(answer.content, _LEARN_LIMIT))
+
+    return fetch
+
+
+async def resolve(request: web.Request, conversation_id: str) -> Resolution:
+    state = request.app[STATE]
+    try:
+        return await state.resolver.resolve(request.headers, conversation_id, _page_fetcher(request))
+    except (*UPSTREAM_ERRORS, ValueError, AnswerTooLarge) as exc:
+        log.warning("workspace lookup failed: %s", type(exc).__name__)
+        return Resolution(Placement(UNRESOLVED), "unresolved")
+
+
+def policy_context(resolution: Resolution) -> Context:
+    placement = resolution.placement
+    if resolution.source == "unresolved":
+        return Context()
+    return Context(org=placement.org, workspace=placement.workspace, repo=placement.repo)
+
+
+def quota_exceeded(verdict: Verdict) -> web.Response:
+    message = (
+        "Token budget unavailable: usage store down and quotas fail closed"
+        if verdict.period == "store unavailable"
+        else f"Token budget of this workspace is used up for this {verdict.period}"
+    )
+    response = json_response(429, error_body(message, error_code=QUOTA_EXCEEDED))
+    response.headers["Retry-After"] = str(verdict.retry_after)
+    return response
 
 
 async def prompt(request: web.Request, conversation_id: str) -> web.StreamResponse:
@@ -107,27 +198,42 @@ async def prompt(request: web.Request, conversation_id: str) -> web.StreamRespon
     if not isinstance(payload["prompt"], str):
         return _bad_request("'prompt' must be a string")
 
-    context = request_context(request)
-    decision = decide(state, Stage.PROMPT, payload["prompt"], context)
-    if decision.blocked:
-        return json_response(403, block_body(decision))
+    resolution = await resolve(request, conversation_id)
+    context = policy_context(resolution)
+    verdict, ticket = await state.quota.admit(resolution.placement.workspace)
+    if not verdict.allowed:
+        return quota_exceeded(verdict)
+    model = payload.get("model")
+    exchange = Exchange(
+        conversation_id, resolution, model if isinstance(model, str) else None, payload["prompt"], ticket
+    )
     try:
-        upstream = await state.session.post(
-            upstream_url(request),
-            data=body,
-            headers=upstream_headers(request, inspect=True),
-            allow_redirects=False,
-        )
-    except UPSTREAM_ERRORS as exc:
-        return upstream_failure(exc)
-    try:
-        return await inspect_answer(request, upstream, context)
+        decision = decide(state, Stage.PROMPT, payload["prompt"], context)
+        if decision.blocked:
+            return json_response(403, block_body(decision))
+        exchange.forwarded = True
+        try:
+            upstream = await state.session.post(
+                upstream_url(request),
+                data=body,
+                headers=upstream_headers(request, inspect=True),
+                allow_redirects=False,
+            )
+        except UPSTREAM_ERRORS as exc:
+            # Refused before the upstream had it: nothing was used.
+            exchange.forwarded = not isinstance(exc, aiohttp.ClientConnectorError)
+            return upstream_failure(exc)
+        try:
+            return await inspect_answer(request, upstream, context, exchange)
+        finally:
+            upstream.release()
     finally:
-        upstream.release()
+        state.accountant.settle(exchange)
 
 
 async def messages(request: web.Request, conversation_id: str) -> web.StreamResponse:
     state = request.app[STATE]
+    context = policy_context(await resolve(request, conversation_id))
     try:
         upstream = await state.session.get(
             upstream_url(request), headers=upstream_headers(request, inspect=True), allow_redirects=False
@@ -135,7 +241,7 @@ async def messages(request: web.Request, conversation_id: str) -> web.StreamResp
     except UPSTREAM_ERRORS as exc:
         return upstream_failure(exc)
     try:
-        return await withhold_messages(request, upstream, request_context(request))
+        return await withhold_messages(request, upstream, context)
     finally:
         upstream.release()
 

@@ -1,4 +1,4 @@
-"""What the handlers share: settings, the current rule set and the upstream session."""
+"""What the handlers share: settings, the rule set, the upstream session and the usage parts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,21 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.policy import RuleSet, Stage
 from gateway.streaming import holdback_chars
+from gateway.usage.accounting import Accountant
+from gateway.usage.memory_store import MemoryUsageStore
+from gateway.usage.quota import QuotaGate
+from gateway.usage.redis_store import RedisUsageStore
+from gateway.usage.store import UsageStore
+from gateway.usage.tokens import TokenCounter
+from gateway.usage.workspaces import WorkspaceDirectory, WorkspaceResolver
+
+
+def make_store(settings: Settings) -> UsageStore:
+    if settings.redis_url is None:
+        return MemoryUsageStore()
+    return RedisUsageStore(
+        settings.redis_url, timeout=settings.redis_timeout, buffer_limit=settings.usage_buffer
+    )
 
 
 @dataclass(slots=True)
@@ -18,11 +33,26 @@ class GatewayState:
     ruleset: RuleSet
     field_paths: tuple[tuple[str, ...], ...] = field(init=False)
     holdback: int = field(init=False)
+    store: UsageStore = field(init=False)
+    accountant: Accountant = field(init=False)
+    quota: QuotaGate = field(init=False)
+    resolver: WorkspaceResolver = field(init=False)
     _session: aiohttp.ClientSession | None = None
 
     def __post_init__(self) -> None:
-        self.field_paths = self.settings.field_paths
-        self.holdback = holdback_chars(self.ruleset, Stage.RESPONSE, self.settings.stream_holdback)
+        settings = self.settings
+        self.field_paths = settings.field_paths
+        self.holdback = holdback_chars(self.ruleset, Stage.RESPONSE, settings.stream_holdback)
+        self.store = make_store(settings)
+        self.accountant = Accountant(self.store, TokenCounter(settings.model_encodings))
+        self.quota = QuotaGate(
+            self.store, settings.quotas, fail_closed=settings.quota_fail_closed, margin=settings.quota_margin
+        )
+        self.resolver = WorkspaceResolver(
+            WorkspaceDirectory(cache_ttl=settings.workspace_cache_ttl),
+            header=settings.workspace_header,
+            lookup_pages=settings.workspace_lookup_pages,
+        )
 
     @property
     def session(self) -> aiohttp.ClientSession:

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.redis_fixtures"]
+
 CASES = Path(__file__).parent / "cases"
 
 

@@ -67,8 +67,9 @@ async def test_an_allowed_prompt_is_forwarded_byte_for_byte(
     ) as response:
         assert response.status == 200
         assert await response.json() == {"success": True, "message": "Prompt received"}
-    (seen,) = recorder.received
-    assert seen.method == "POST"
+    # The caller's Authorization also let the gateway look up the conversation's workspace.
+    assert [r.raw_path for r in recorder.received if r.method == "GET"] == ["/conversation?take=100&skip=0"]
+    (seen,) = [r for r in recorder.received if r.method == "POST"]
     assert seen.raw_path == "/conversation/c-1/prompt?trace=1"
     assert seen.body == body
     assert seen.headers["Authorization"] == "Bearer t0k"

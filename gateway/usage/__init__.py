@@ -1,0 +1,1 @@
+"""Token accounting: counting tokens, storing usage per workspace, resolving workspaces."""

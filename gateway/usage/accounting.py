@@ -1,0 +1,117 @@
+"""Turning a finished exchange into a usage record, off the request path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.usage.quota import Ticket
+from gateway.usage.store import Source, UsageRecord, UsageStore
+from gateway.usage.tokens import TokenCounter
+from gateway.usage.workspaces import Resolution
+
+log = logging.getLogger("gateway.usage")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one prompt exchange used; the handlers fill it in as the answer goes by."""
+
+    conversation_id: str
+    resolution: Resolution
+    model: str | None
+    prompt: str
+    ticket: Ticket = field(default_factory=Ticket)
+    response_texts: list[str] = field(default_factory=list)
+    reported_prompt: int | None = None
+    reported_response: int | None = None
+    forwarded: bool = False
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def note_reported(self, payload: Any) -> None:
+        prompt, response = reported_usage(payload)
+        self.reported_prompt = prompt if prompt is not None else self.reported_prompt
+        self.reported_response = response if response is not None else self.reported_response
+
+
+def _count(value: object) -> int | None:
+    # Token counts come as numbers, or as strings where the backend sends big integers.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def reported_usage(payload: Any) -> tuple[int | None, int | None]:
+    """(prompt, response) tokens an answer reports, where it reports them."""
+    if not isinstance(payload, Mapping):
+        return None, None
+    prompt = response = None
+    usage = payload.get("usage")
+    if isinstance(usage, Mapping):
+        prompt, response = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    prompt = prompt if prompt is not None else _count(payload.get("tokensIn"))
+    response = response if response is not None else _count(payload.get("tokensOut"))
+    if response is None:
+        response = _count(payload.get("tokenCount"))
+    message = payload.get("message")
+    if response is None and isinstance(message, Mapping):
+        response = _count(message.get("tokenCount"))
+    return prompt, response
+
+
+class Accountant:
+    """Counts and records exchanges in background tasks, so no answer waits for accounting."""
+
+    def __init__(self, store: UsageStore, counter: TokenCounter) -> None:
+        self.store = store
+        self.counter = counter
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def settle(self, exchange: Exchange) -> None:
+        if not exchange.forwarded:
+            exchange.ticket.release()
+            return
+        task = asyncio.get_running_loop().create_task(self._record(exchange))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def record_of(self, exchange: Exchange) -> UsageRecord:
+        prompt, response = exchange.reported_prompt, exchange.reported_response
+        source: Source = "reported" if prompt is not None and response is not None else "estimated"
+        if prompt is None:
+            prompt = self.counter.count(exchange.prompt, exchange.model)
+        if response is None:
+            response = sum(self.counter.count(text, exchange.model) for text in exchange.response_texts)
+        return UsageRecord(
+            id=exchange.id,
+            workspace=exchange.resolution.placement.workspace,
+            conversation_id=exchange.conversation_id,
+            prompt_tokens=prompt,
+            response_tokens=response,
+            source=source,
+            at=exchange.at,
+        )
+
+    async def _record(self, exchange: Exchange) -> None:
+        try:
+            await self.store.record(self.record_of(exchange))
+        except Exception as exc:
+            # The store buffers its own outages; anything else is a bug, logged by type only.
+            log.error("usage record failed: %s", type(exc).__name__)
+        finally:
+            exchange.ticket.release()
+
+    async def drain(self) -> None:
+        """Wait for every scheduled record (at shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,329 @@
+"""The shared usage store: counters in Redis (or Redis Cluster), so every gateway process agrees.
+
+Key schema (`pgw` is `key_prefix`; `{ws}` the workspace id, a Redis Cluster hash tag):
+
+| key | holds | expires |
+|---|---|---|
+| `pgw:{ws}:d:YYYY-MM-DD` | hash: the UTC day's totals | 400 days after its last write |
+| `pgw:{ws}:m:YYYY-MM` | hash: the UTC month's totals | 760 days (25 months) after its last write |
+| `pgw:{ws}:c:<conversation id>` | hash: the conversation's totals | 400 days after its last write |
+| `pgw:{ws}:r:<record id>` | string `1`: this record was counted | 8 days after it was counted |
+
+Each hash has the fields `prompt` and `response` (token sums) and `requests` (records counted).
+Workspace, conversation and record ids are percent-encoded (everything but ASCII letters, digits
+and `-._~`), so no id can close the hash tag or add a `:` separator, and distinct ids never share
+a key; the empty workspace id is written `%`. All keys of a workspace share its hash tag, hence
+its Cluster slot, so one Lua script can update them together. Day keys are kept for a year of
+daily history, month keys for two years of monthly history (year-on-year comparisons), and a
+conversation for as long as it keeps being written to.
+
+A record is counted by one script run (one round trip): `SET` the record marker `NX` and, only
+if it was not already there, `HINCRBY` the day, month and conversation hashes and renew their
+expiry. A retry of a record whose outcome is unknown therefore counts it exactly once, as long
+as the retry comes within the marker's 8 days.
+
+Redis down or slow: `record` never raises and never waits much longer than `timeout`; the
+record goes to a bounded in-memory buffer (in order) that a background task drains once Redis
+answers again, retrying with backoff. Reads raise `StoreUnavailable` instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+
+from gateway.usage.store import Period, StoreUnavailable, Totals, UsageRecord
+
+log = logging.getLogger("gateway.usage")
+T = TypeVar("T")
+
+DAY_TTL = 400 * 86400
+MONTH_TTL = 760 * 86400
+CONVERSATION_TTL = 400 * 86400
+MARKER_TTL = 8 * 86400
+
+FIELDS = ("prompt", "response", "requests")
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0
+# Records sent per pipelined round trip while draining the buffer.
+FLUSH_BATCH = 128
+CLOSE_FLUSH_SECONDS = 2.0
+
+# KEYS: marker, day, month[, conversation]. ARGV: prompt, response, then the TTL of each key.
+RECORD_SCRIPT = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
+  return 0
+end
+for i = 2, #KEYS do
+  redis.call('HINCRBY', KEYS[i], 'prompt', ARGV[1])
+  redis.call('HINCRBY', KEYS[i], 'response', ARGV[2])
+  redis.call('HINCRBY', KEYS[i], 'requests', 1)
+  redis.call('EXPIRE', KEYS[i], ARGV[i + 2])
+end
+return 1
+"""
+
+
+def connect(url: str, timeout: float) -> Redis | RedisCluster:
+    """A client for ``url``; ``redis+cluster://`` and ``rediss+cluster://`` mean Redis Cluster."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        # A failed call is buffered and retried by the flusher, never by the client on our time.
+        "retry": Retry(NoBackoff(), 0),
+    }
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in {"redis+cluster", "rediss+cluster"}:
+        plain = urlunsplit(parts._replace(scheme=scheme.removesuffix("+cluster")))
+        return RedisCluster.from_url(plain, **options)
+    return Redis.from_url(url, **options)
+
+
+class RedisUsageStore:
+    def __init__(
+        self, url: str, *, timeout: float = 0.25, buffer_limit: int = 100_000, key_prefix: str = "pgw"
+    ) -> None:
+        if "{" in key_prefix or "}" in key_prefix:
+            raise ValueError("key_prefix must not contain '{' or '}': the workspace is the hash tag")
+        self._client = connect(url, timeout)
+        self._script = self._client.register_script(RECORD_SCRIPT)
+        self._timeout = timeout
+        self._buffer_limit = buffer_limit
+        self._prefix = key_prefix
+        self._buffer: deque[UsageRecord] = deque()
+        self._down = False
+        self._healthy = False
+        self._dropped = 0
+        self._burst = 0  # records dropped since the buffer last had room
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the last call to Redis succeeded."""
+        return self._healthy
+
+    async def start(self) -> None:
+        self._ensure_flusher()
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._client.ping()
+        except Exception as exc:  # any failure means unavailable; the flusher probes until it answers
+            self._mark_down(exc)
+        else:
+            self._healthy = True
+
+    async def record(self, record: UsageRecord) -> None:
+        if self._down or self._buffer:
+            # Behind the buffer, to keep order, and without waiting on a Redis known to be down.
+            self._enqueue(record)
+            return
+        keys, args = self._script_call(record)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._script(keys=keys, args=args)
+        except asyncio.CancelledError:
+            # The caller gave up, not Redis: the write may or may not have landed, so retry it.
+            self._enqueue(record)
+            raise
+        except Exception as exc:  # never raise: whatever failed, the record is retried later
+            if _permanent(exc):
+                self._drop(record, exc)
+                return
+            self._mark_down(exc)
+            self._enqueue(record)
+        else:
+            self._healthy = True
+
+    async def totals(self, workspace: str, period: Period, at: datetime) -> Totals:
+        key = self._bucket_key(workspace, period, at)
+        return _totals(await self._read(lambda: self._client.hmget(key, FIELDS)))
+
+    async def current(self, workspace: str, at: datetime) -> tuple[Totals, Totals]:
+        def both() -> Awaitable[list[Any]]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hmget(self._bucket_key(workspace, Period.DAY, at), FIELDS)
+            pipe.hmget(self._bucket_key(workspace, Period.MONTH, at), FIELDS)
+            return pipe.execute()
+
+        day, month = await self._read(both)
+        return _totals(day), _totals(month)
+
+    async def conversation_totals(self, workspace: str, conversation_id: str) -> Totals:
+        key = f"{self._tag(workspace)}:c:{quote(conversation_id, safe='')}"
+        return _totals(await self._read(lambda: self._client.hmget(key, FIELDS)))
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_FLUSH_SECONDS):
+                while self._buffer:
+                    if not await self._flush_batch():
+                        await asyncio.sleep(BACKOFF_MIN)
+        if self._buffer:
+            log.warning("usage store closed with %d records not written to Redis", len(self._buffer))
+        await self._client.aclose()
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    def _tag(self, workspace: str) -> str:
+        return f"{self._prefix}:{{{quote(workspace, safe='') or '%'}}}"
+
+    def _bucket_key(self, workspace: str, period: Period, at: datetime) -> str:
+        return f"{self._tag(workspace)}:{'d' if period is Period.DAY else 'm'}:{period.bucket(at)}"
+
+    def _script_call(self, record: UsageRecord) -> tuple[list[str], list[int]]:
+        tag = self._tag(record.workspace)
+        keys = [
+            f"{tag}:r:{quote(record.id, safe='')}",
+            self._bucket_key(record.workspace, Period.DAY, record.at),
+            self._bucket_key(record.workspace, Period.MONTH, record.at),
+        ]
+        args = [record.prompt_tokens, record.response_tokens, MARKER_TTL, DAY_TTL, MONTH_TTL]
+        if record.conversation_id is not None:
+            keys.append(f"{tag}:c:{quote(record.conversation_id, safe='')}")
+            args.append(CONVERSATION_TTL)
+        return keys, args
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def _read(self, call: Callable[[], Awaitable[T]]) -> T:
+        if self._down:
+            # Answer at once: the flusher's probe finds out when Redis is back.
+            raise StoreUnavailable("Redis is unavailable")
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await call()
+        except Exception as exc:
+            self._mark_down(exc)
+            raise StoreUnavailable(f"Redis did not answer: {type(exc).__name__}") from exc
+        self._healthy = True
+        return result
+
+    # -- the buffer and its flusher -------------------------------------------------------------
+
+    def _enqueue(self, record: UsageRecord) -> None:
+        if len(self._buffer) >= self._buffer_limit:
+            self._drop(record, None)
+            return
+        self._buffer.append(record)
+        self._ensure_flusher()
+        self._wake.set()
+
+    def _drop(self, record: UsageRecord, exc: BaseException | None) -> None:
+        self._dropped += 1
+        if exc is not None:
+            log.error(
+                "usage record %s of workspace %s refused by Redis (%s)", record.id, record.workspace, exc
+            )
+            return
+        self._burst += 1
+        if self._burst == 1:
+            log.warning(
+                "usage buffer full (%d records): dropping records until Redis catches up", len(self._buffer)
+            )
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self._healthy = False
+        if not self._down:
+            self._down = True
+            log.warning("Redis usage store unavailable (%s); buffering records", type(exc).__name__)
+        self._ensure_flusher()
+        self._wake.set()
+
+    def _mark_up(self) -> None:
+        self._healthy = True
+        if self._down:
+            self._down = False
+            log.info("Redis usage store available again; %d records to flush", len(self._buffer))
+
+    def _ensure_flusher(self) -> None:
+        if self._flusher is None and not self._closed:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="usage-flusher")
+
+    async def _flush_loop(self) -> None:
+        delay = BACKOFF_MIN
+        while True:
+            await self._wake.wait()
+            if not self._buffer and not self._down:
+                self._wake.clear()
+                continue
+            if await (self._flush_batch() if self._buffer else self._probe()):
+                delay = BACKOFF_MIN
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _probe(self) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._client.ping()
+        except Exception as exc:
+            self._mark_down(exc)
+            return False
+        self._mark_up()
+        return True
+
+    async def _flush_batch(self) -> bool:
+        """Write the oldest buffered records in one round trip; False if Redis did not take them."""
+        batch = list(itertools.islice(self._buffer, FLUSH_BATCH))
+        pipe = self._client.pipeline(transaction=False)
+        for record in batch:
+            keys, args = self._script_call(record)
+            # EVAL, not EVALSHA: after a restart the script cache is empty, and this loads it again.
+            pipe.eval(RECORD_SCRIPT, len(keys), *keys, *args)
+        try:
+            async with asyncio.timeout(self._timeout):
+                results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            self._mark_down(exc)
+            return False
+        for record, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception) and not _permanent(result):
+                self._mark_down(result)  # e.g. LOADING after a restart: retry from this record on
+                return False
+            self._buffer.popleft()
+            if isinstance(result, Exception):
+                self._drop(record, result)
+        self._mark_up()
+        if self._burst and len(self._buffer) < self._buffer_limit:
+            log.warning("usage buffer has room again; %d records were dropped", self._burst)
+            self._burst = 0
+        return True
+
+
+def _permanent(exc: BaseException) -> bool:
+    # A key of the wrong type will fail every retry: drop the record rather than block the buffer.
+    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
+
+
+def _totals(values: list[Any]) -> Totals:
+    prompt, response, requests = (int(value) if value else 0 for value in values)
+    return Totals(prompt, response, requests)

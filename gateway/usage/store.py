@@ -1,0 +1,76 @@
+"""The usage store's contract: what a request's usage record is, and what a store must do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Literal, Protocol
+
+
+class Period(Enum):
+    DAY = "day"
+    MONTH = "month"
+
+    def bucket(self, at: datetime) -> str:
+        """The UTC bucket a moment falls in: ``2026-11-26`` for a day, ``2026-11`` for a month."""
+        return at.strftime("%Y-%m-%d" if self is Period.DAY else "%Y-%m")
+
+
+Source = Literal["reported", "estimated"]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One request's usage. ``id`` is unique per request: writing it twice counts it once."""
+
+    id: str
+    workspace: str
+    conversation_id: str | None
+    prompt_tokens: int
+    response_tokens: int
+    source: Source
+    at: datetime  # timezone-aware UTC; decides the day and month buckets
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    prompt_tokens: int = 0
+    response_tokens: int = 0
+    requests: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.response_tokens
+
+
+class StoreUnavailable(Exception):
+    """The store could not answer a read in time; writes never raise this, they are buffered."""
+
+
+class UsageStore(Protocol):
+    async def start(self) -> None:
+        """Connect and start background work (the flush of buffered records)."""
+
+    async def record(self, record: UsageRecord) -> None:
+        """Count a record once, atomically; while the backend is down, buffer it (bounded)."""
+
+    async def totals(self, workspace: str, period: Period, at: datetime) -> Totals:
+        """The workspace's totals for the bucket of ``period`` that ``at`` falls in."""
+
+    async def current(self, workspace: str, at: datetime) -> tuple[Totals, Totals]:
+        """The day's and the month's totals in one round trip (for quota checks)."""
+
+    async def conversation_totals(self, workspace: str, conversation_id: str) -> Totals:
+        """All-time totals of one conversation."""
+
+    async def close(self) -> None:
+        """Flush what is buffered (bounded in time), then release connections."""
+
+    @property
+    def pending(self) -> int:
+        """Records buffered and not yet written."""
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped because the buffer was full (counted, and logged once per burst)."""

@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/latency.py [--requests 3000]
 
-Starts bench/upstream.py and `gateway serve` (built-in pack, memory store) as processes on
-loopback, then sends the same 1 KB prompt alternately to the upstream directly and through the
-gateway over one kept-alive connection each, so both see the same machine noise. Prints p50,
-p90 and p99 of each path and the difference of the medians: the gateway's added latency.
+Starts bench/upstream.py, a redis-server, and two `gateway serve` processes (built-in pack;
+one with the in-memory store, one counting usage in Redis) on loopback, then sends the same
+1 KB prompt in turn to the upstream directly and through each gateway, over one kept-alive
+connection each, so all paths see the same machine noise. Prints p50, p90 and p99 of each path
+and what each gateway adds to the direct call's median.
 """
 
 from __future__ import annotations
@@ -49,32 +50,41 @@ def quantile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def measure(requests: int) -> dict[str, list[float]]:
-    up_port, gw_port, admin_port = free_port(), free_port(), free_port()
-    upstream = await asyncio.create_subprocess_exec(sys.executable, str(HERE / "upstream.py"), str(up_port))
-    gateway = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--upstream",
-        f"http://127.0.0.1:{up_port}",
-        "--port",
-        str(gw_port),
-        "--admin-port",
-        str(admin_port),
+async def start_gateway(upstream: str, *extra: str) -> tuple[asyncio.subprocess.Process, int, int]:
+    port, admin = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--upstream", upstream, "--port", str(port),
+        "--admin-port", str(admin), "--workspace-header", "X-Workspace-Id", *extra,
         stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    return process, port, admin
+
+
+async def measure(requests: int) -> dict[str, list[float]]:
+    up_port, redis_port = free_port(), free_port()
+    upstream = await asyncio.create_subprocess_exec(sys.executable, str(HERE / "upstream.py"), str(up_port))
+    redis = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    upstream_url = f"http://127.0.0.1:{up_port}"
+    memory, memory_port, memory_admin = await start_gateway(upstream_url)
+    with_redis, redis_gw_port, redis_admin = await start_gateway(
+        upstream_url, "--redis-url", f"redis://127.0.0.1:{redis_port}/0"
     )
+    processes = [memory, with_redis, redis, upstream]
     targets = {
-        "direct": f"http://127.0.0.1:{up_port}/conversation/c1/prompt",
-        "gateway": f"http://127.0.0.1:{gw_port}/conversation/c1/prompt",
+        "direct": f"{upstream_url}/conversation/c1/prompt",
+        "gateway, memory store": f"http://127.0.0.1:{memory_port}/conversation/c1/prompt",
+        "gateway, Redis store": f"http://127.0.0.1:{redis_gw_port}/conversation/c1/prompt",
     }
     samples: dict[str, list[float]] = {name: [] for name in targets}
     try:
         sessions = {name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for name in targets}
-        await wait_until_up(sessions["direct"], f"http://127.0.0.1:{up_port}/")
-        await wait_until_up(sessions["gateway"], f"http://127.0.0.1:{admin_port}/healthz")
-        headers = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
+        await wait_until_up(sessions["direct"], f"{upstream_url}/")
+        await wait_until_up(sessions["gateway, memory store"], f"http://127.0.0.1:{memory_admin}/healthz")
+        await wait_until_up(sessions["gateway, Redis store"], f"http://127.0.0.1:{redis_admin}/healthz")
+        headers = {"Content-Type": "application/json", "X-Workspace-Id": "bench"}
         for index in range(requests + 200):
             for name, url in targets.items():
                 started = time.perf_counter()
@@ -87,7 +97,7 @@ async def measure(requests: int) -> dict[str, list[float]]:
         for session in sessions.values():
             await session.close()
     finally:
-        for process in (gateway, upstream):
+        for process in processes:
             process.terminate()
             await process.wait()
     return samples
@@ -105,8 +115,11 @@ def main() -> None:
             f"| {name} | {statistics.median(values):.3f} | {quantile(values, 0.9):.3f} | "
             f"{quantile(values, 0.99):.3f} |"
         )
-    added = statistics.median(samples["gateway"]) - statistics.median(samples["direct"])
-    print(f"\ngateway adds {added:.3f} ms at p50 (built-in pack, prompt and response stages)")
+    direct = statistics.median(samples["direct"])
+    print()
+    for name in ("gateway, memory store", "gateway, Redis store"):
+        added = statistics.median(samples[name]) - direct
+        print(f"{name} adds {added:.3f} ms at p50 (built-in pack, both stages, usage counted)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Nothing is ever buffered or dropped, so ``pending`` and ``dropped`` stay 0. Memory is bounded
 where traffic alone would grow it: record ids are remembered for ``id_retention`` seconds (at
 most ``max_ids`` of them), and at most ``max_conversations`` conversations are kept, the one
-written longest ago forgotten first. Day and month buckets grow by one per workspace per day.
+written longest ago forgotten first. Day and month buckets are kept: at most two a workspace a day.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class _Counter:
 
 
 class MemoryUsageStore:
+    """Usage counters in this process; ``clock`` (monotonic seconds) is there for tests."""
+
     def __init__(
         self,
         *,
@@ -66,6 +68,11 @@ class MemoryUsageStore:
     @property
     def dropped(self) -> int:
         return 0
+
+    @property
+    def healthy(self) -> bool:
+        """Always: there is no backend to lose (the same property as the Redis store's)."""
+        return True
 
     async def record(self, record: UsageRecord) -> None:
         now = self._clock()

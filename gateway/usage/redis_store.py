@@ -57,7 +57,7 @@ MARKER_TTL = 8 * 86400
 
 FIELDS = ("prompt", "response", "requests")
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0
-# Records sent per pipelined round trip while draining the buffer.
+# Records per pipelined round trip while draining: small enough to answer well within `timeout`.
 FLUSH_BATCH = 128
 CLOSE_FLUSH_SECONDS = 2.0
 
@@ -76,7 +76,7 @@ return 1
 """
 
 
-def connect(url: str, timeout: float) -> Redis | RedisCluster:
+def _connect(url: str, timeout: float) -> Redis | RedisCluster:
     """A client for ``url``; ``redis+cluster://`` and ``rediss+cluster://`` mean Redis Cluster."""
     options: dict[str, Any] = {
         "socket_timeout": timeout,
@@ -93,12 +93,20 @@ def connect(url: str, timeout: float) -> Redis | RedisCluster:
 
 
 class RedisUsageStore:
+    """Usage counters in Redis at ``url`` (``redis://``, ``rediss://``, ``unix://``, or
+    ``redis+cluster://`` / ``rediss+cluster://`` for Redis Cluster).
+
+    ``timeout`` bounds every call to Redis (connect included); ``buffer_limit`` bounds the records
+    held while Redis is away; ``key_prefix`` starts every key. ``healthy`` tells whether the last
+    call to Redis succeeded.
+    """
+
     def __init__(
         self, url: str, *, timeout: float = 0.25, buffer_limit: int = 100_000, key_prefix: str = "pgw"
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain '{' or '}': the workspace is the hash tag")
-        self._client = connect(url, timeout)
+        self._client = _connect(url, timeout)
         self._script = self._client.register_script(RECORD_SCRIPT)
         self._timeout = timeout
         self._buffer_limit = buffer_limit
@@ -107,7 +115,7 @@ class RedisUsageStore:
         self._down = False
         self._healthy = False
         self._dropped = 0
-        self._burst = 0  # records dropped since the buffer last had room
+        self._burst = 0  # drops since the buffer last had room: a burst is logged once, not per record
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False

@@ -13,9 +13,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.cli import main
 from gateway.config import Budget
 from gateway.state import GatewayState
-from gateway.usage.store import Totals
+from gateway.usage.redis_store import RedisUsageStore
+from gateway.usage.store import Totals, UsageRecord
 from gateway.usage.tokens import TokenCounter
 from tests.proxy_fixtures import start_gateway, start_upstream
 
@@ -197,3 +199,23 @@ async def test_the_usage_endpoint_refuses_a_bad_period_and_reports_an_unavailabl
         async with client.get(admin.make_url("/usage/ws")) as response:
             assert response.status == 503
             assert (await response.json())["success"] is False
+
+
+async def test_gateway_usage_reads_a_workspace_from_redis(
+    clean_redis: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gateway usage` prints the totals the Redis store holds, and explains a missing URL."""
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    store = RedisUsageStore(clean_redis.url)
+    await store.record(UsageRecord("r1", "ws-cli", "c", 5, 7, "reported", _now()))
+    await store.close()
+    code = await asyncio.to_thread(
+        main, ["usage", "ws-cli", "--redis-url", clean_redis.url, "--period", "month"]
+    )
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["promptTokens"], printed["responseTokens"], printed["requests"]) == (5, 7, 1)
+    assert printed["period"] == "month"
+    code = await asyncio.to_thread(main, ["usage", "ws-cli"])
+    assert code == 2
+    assert "GET /usage/WORKSPACE" in capsys.readouterr().err

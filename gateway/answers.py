@@ -5,12 +5,14 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from gateway.audit import RequestInfo
 from gateway.flashback import (
     RESPONSE_BLOCKED,
     block_body,
@@ -21,10 +23,14 @@ from gateway.flashback import (
 from gateway.policy import Action, Context, Decision, Stage, evaluate
 from gateway.proxy import json_response, response_headers, stream_back
 from gateway.state import STATE, GatewayState
-from gateway.streaming import EventTooLarge, SSESplitter, StreamGuard, sse_event_text
+from gateway.streaming import EventTooLarge, SSESplitter, StreamGuard, StreamStep, sse_event_text
 from gateway.usage.accounting import Exchange
 
 log = logging.getLogger("gateway.answers")
+
+
+# The request's audit context (set by the routes' middleware).
+INFO = web.RequestKey("info", RequestInfo)
 
 
 class AnswerTooLarge(Exception):
@@ -35,28 +41,29 @@ class EvaluationFailed(Exception):
     """The engine raised: the text was not evaluated, so it is refused (fail closed)."""
 
 
-def decide(state: GatewayState, stage: Stage, text: str, context: Context) -> Decision:
+def decide(request: web.Request, stage: Stage, text: str, context: Context) -> Decision:
+    """Evaluate, and make the decision visible (metrics, audit, alerts); fail closed on error."""
+    state = request.app[STATE]
+    info = request.get(INFO) or RequestInfo()
+    started = time.perf_counter()
     try:
         decision = evaluate(state.ruleset, stage, text, context)
     except Exception as exc:
+        state.observer.fallback("policy", "evaluation_error")
         # SECURITY: the exception's text may quote the input; only its type is logged.
         log.error("policy evaluation failed at stage %s: %s", stage.value, type(exc).__name__)
+        info.decision = "block"
         raise EvaluationFailed from None
-    record(decision)
+    if stage is Stage.RESPONSE:
+        info.response_own += time.perf_counter() - started
+    state.observer.decision(decision, info, lambda start, end: text[start:end])
+    _note_action(info, decision.action)
     return decision
 
 
-def record(decision: Decision) -> None:
-    # SECURITY: rule ids, actions and offsets only; never the text that matched.
-    for v in decision.violations:
-        log.info(
-            "violation stage=%s rule=%s action=%s mode=%s spans=%s",
-            v.stage.value,
-            v.rule_id,
-            v.action.label,
-            v.mode.value,
-            [(s.start, s.length) for s in v.spans],
-        )
+def _note_action(info: RequestInfo, action: Action) -> None:
+    if action > Action[info.decision.upper()]:
+        info.decision = action.label
 
 
 def strongest(stage: Stage, revision: str, decisions: Iterable[Decision]) -> Decision:
@@ -100,6 +107,7 @@ async def inspect_answer(
         return await stream_back(request, upstream)
     encoding = upstream.headers.get("Content-Encoding", "identity").lower()
     if encoding != "identity":
+        state.observer.fallback("answer", "encoded")
         log.warning("answer not inspectable: content encoding %s", encoding)
         return json_response(502, error_body("Upstream answer is encoded and cannot be inspected"))
     if _is_streamed_text(upstream):
@@ -107,6 +115,7 @@ async def inspect_answer(
     try:
         raw = await read_bounded(upstream.content, state.settings.response_limit)
     except AnswerTooLarge:
+        state.observer.fallback("answer", "too_large")
         log.warning("answer not inspectable: over %d bytes", state.settings.response_limit)
         return json_response(502, error_body("Upstream answer too large to inspect"))
     texts, payload = _answer_texts(raw, state, json_answer=_is_json(upstream))
@@ -116,7 +125,7 @@ async def inspect_answer(
     decision = strongest(
         Stage.RESPONSE,
         state.ruleset.revision,
-        (decide(state, Stage.RESPONSE, text, context) for text in texts),
+        (decide(request, Stage.RESPONSE, text, context) for text in texts),
     )
     if decision.blocked:
         return json_response(403, block_body(decision))
@@ -153,20 +162,30 @@ async def guarded_stream(
     splitter = SSESplitter(max_event_bytes=state.settings.response_limit)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     guard = StreamGuard(state.ruleset, context, holdback=state.holdback)
+    info = request.get(INFO) or RequestInfo()
+    strongest_seen = Action.ALLOW
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(response_headers(upstream, keep_length=False))
     await response.prepare(request)
 
+    def observe(step: StreamStep) -> None:
+        nonlocal strongest_seen
+        shown = step.blocked or Decision(Stage.RESPONSE, Action.ALLOW, state.ruleset.revision)
+        found = (*step.violations, *(step.blocked.violations if step.blocked else ()))
+        state.observer.violations(shown, found, info, lambda start, end: step.matched.get((start, end)))
+        for violation in found:
+            strongest_seen = max(strongest_seen, violation.effective_action)
+
     async def send(events: list[bytes], *, final: bool = False) -> bool:
         for event in events:
+            started = time.perf_counter()
             text = sse_event_text(event, state.field_paths) if sse else decoder.decode(event, final)
             if exchange is not None:
                 _note_streamed(exchange, event, text, limit=state.settings.response_limit, sse=sse)
             step = guard.feed(event, text)
-            for v in step.violations:
-                log.info("stream violation rule=%s action=%s", v.rule_id, v.action.label)
+            info.response_own += time.perf_counter() - started
+            observe(step)
             if step.blocked is not None:
-                record(step.blocked)
                 body = block_body(step.blocked)
                 await response.write(b"event: error\ndata: " + body + b"\n\n" if sse else b"\n" + body)
                 return False
@@ -174,25 +193,31 @@ async def guarded_stream(
                 await response.write(released)
         return True
 
-    async for chunk in upstream.content.iter_any():
-        try:
-            events = splitter.feed(chunk) if sse else [chunk]
-        except EventTooLarge:
-            # Fail closed: an event too large to hold whole cannot be inspected.
-            log.warning("stream not inspectable: an event over %d bytes", state.settings.response_limit)
-            body = error_body("Upstream event too large to inspect", error_code=RESPONSE_BLOCKED)
-            await response.write(b"event: error\ndata: " + body + b"\n\n")
-            await response.write_eof()
-            return response
-        if not await send(events):
-            await response.write_eof()
-            return response
-    tail = splitter.flush() if sse else b""
-    if await send([tail] if tail or not sse else [], final=True):
-        for released in guard.finish().release:
-            await response.write(released)
-    await response.write_eof()
-    return response
+    try:
+        async for chunk in upstream.content.iter_any():
+            try:
+                events = splitter.feed(chunk) if sse else [chunk]
+            except EventTooLarge:
+                # Fail closed: an event too large to hold whole cannot be inspected.
+                state.observer.fallback("answer", "event_too_large")
+                strongest_seen = Action.BLOCK
+                log.warning("stream not inspectable: an event over %d bytes", state.settings.response_limit)
+                body = error_body("Upstream event too large to inspect", error_code=RESPONSE_BLOCKED)
+                await response.write(b"event: error\ndata: " + body + b"\n\n")
+                await response.write_eof()
+                return response
+            if not await send(events):
+                await response.write_eof()
+                return response
+        tail = splitter.flush() if sse else b""
+        if await send([tail] if tail or not sse else [], final=True):
+            for released in guard.finish().release:
+                await response.write(released)
+        await response.write_eof()
+        return response
+    finally:
+        state.observer.stream_decision(Stage.RESPONSE, strongest_seen)
+        _note_action(info, strongest_seen)
 
 
 def _note_streamed(exchange: Exchange, event: bytes, text: str, *, limit: int, sse: bool) -> None:
@@ -218,6 +243,7 @@ async def withhold_messages(
     try:
         raw = await read_bounded(upstream.content, state.settings.response_limit)
     except AnswerTooLarge:
+        state.observer.fallback("answer", "too_large")
         return json_response(502, error_body("Upstream answer too large to inspect"))
     try:
         payload = json.loads(raw)
@@ -225,7 +251,7 @@ async def withhold_messages(
         payload = None
     messages = payload.get("messages") if isinstance(payload, dict) else None
     if not isinstance(messages, list):
-        decision = decide(state, Stage.RESPONSE, raw.decode("utf-8", errors="replace"), context)
+        decision = decide(request, Stage.RESPONSE, raw.decode("utf-8", errors="replace"), context)
         if decision.blocked:
             return json_response(403, block_body(decision))
         body = raw
@@ -237,7 +263,7 @@ async def withhold_messages(
             content = message.get("content")
             if not isinstance(content, str):
                 continue
-            decision = decide(state, Stage.RESPONSE, content, context)
+            decision = decide(request, Stage.RESPONSE, content, context)
             if decision.blocked:
                 message["content"] = withheld_notice(decision)
                 message["policyWithheld"] = True

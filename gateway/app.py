@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import signal
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import aiohttp
+import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.audit import AuditFile
 from gateway.config import Settings
 from gateway.policy import RuleSet
-from gateway.routes import add_routes
+from gateway.routes import add_routes, observe_requests
 from gateway.state import STATE, GatewayState
 from gateway.usage.store import Period, StoreUnavailable, Totals
 
-log = logging.getLogger("gateway")
+log = structlog.get_logger("gateway")
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -49,11 +50,27 @@ async def _usage(app: web.Application) -> AsyncIterator[None]:
     await state.store.close()
 
 
+async def _audit_and_alerts(app: web.Application) -> AsyncIterator[None]:
+    observer = app[STATE].observer
+    settings = app[STATE].settings
+    if settings.audit_file is not None:
+        observer.audit_file = AuditFile(settings.audit_file)
+    if observer.alerts is not None:
+        await observer.alerts.start()
+    yield
+    if observer.alerts is not None:
+        await observer.alerts.close()
+    if observer.audit_file is not None:
+        observer.audit_file.close()
+
+
 def build_public_app(state: GatewayState) -> web.Application:
     app = web.Application()
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_usage)
+    app.cleanup_ctx.append(_audit_and_alerts)
+    app.middlewares.append(observe_requests)
     add_routes(app)
     return app
 
@@ -77,7 +94,12 @@ def build_admin_app(state: GatewayState) -> web.Application:
             return web.json_response({"success": False, "message": "usage store unavailable"}, status=503)
         return web.json_response(usage_body(workspace, period, now, totals))
 
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(state.observer.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application()
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/usage/{workspace}", usage)
@@ -108,24 +130,21 @@ async def run(settings: Settings, ruleset: RuleSet) -> None:
         await web.TCPSite(public, settings.host, settings.port).start()
         await web.TCPSite(admin, settings.admin_host, settings.admin_port).start()
         log.info(
-            "serving %s",
-            json.dumps(
-                {
-                    "listen": f"{settings.host}:{settings.port}",
-                    "admin": f"{settings.admin_host}:{settings.admin_port}",
-                    "upstream": settings.upstream,
-                    "revision": ruleset.revision,
-                    "rules": len(ruleset.rules),
-                    "stream_holdback_chars": state.holdback,
-                }
-            ),
+            "gateway.serving",
+            listen=f"{settings.host}:{settings.port}",
+            admin=f"{settings.admin_host}:{settings.admin_port}",
+            upstream=settings.upstream,
+            revision=ruleset.revision,
+            rules=len(ruleset.rules),
+            store="redis" if settings.redis_url else "memory",
+            stream_holdback_chars=state.holdback,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("stopping")
+        log.info("gateway.stopping")
     finally:
         await public.cleanup()
         await admin.cleanup()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.app import run, usage_body
+from gateway.audit import configure_logging
 from gateway.config import PARSERS, ConfigError, load_settings
 from gateway.evaluation import EvalInputError, eval_files, render_eval
 from gateway.policy import (
@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="refuse budgeted workspaces while Redis is down (default: serve them)",
     )
+    serve.add_argument("--log-format", choices=["json", "console"], help="log lines (default json)")
+    serve.add_argument("--audit-file", type=Path, help="also append violations to this JSON-lines file")
     serve.set_defaults(run=_serve)
 
     usage = commands.add_parser("usage", help="a workspace's token totals, read from Redis")
@@ -183,7 +185,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"{len(exc.errors)} error(s): settings refused", file=sys.stderr)
         return 2
     ruleset = load_ruleset(settings.policies or [BUILTIN_POLICY_DIR])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_format)
     asyncio.run(run(settings, ruleset))
     return 0
 

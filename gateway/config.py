@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from yarl import URL
 
+from gateway.alerts import AlertConfig, parse_alert_config
 from gateway.flashback import DEFAULT_RESPONSE_FIELDS, parse_field_path
 
 
@@ -62,6 +63,14 @@ class Settings:
     # time, so a shared budget is overrun by at most one request per instance.
     quota_margin: int = 16_384
     model_encodings: Mapping[str, str] = field(default_factory=dict)
+    log_format: str = "json"  # or "console"
+    audit_file: Path | None = None  # violations as JSON lines, besides the log
+    # Key of the violation fingerprints (HMAC-SHA256); random per process when not given, so
+    # fingerprints then correlate events of one process only.
+    audit_key: str | None = None
+    alerts: AlertConfig = field(default_factory=AlertConfig)
+    metrics_workspace_label: bool = False
+    metrics_workspace_cap: int = 50
 
     @property
     def upstream_url(self) -> URL:
@@ -169,6 +178,12 @@ def _model_encodings(value: object) -> Mapping[str, str]:
     return MappingProxyType({str(k): str(v) for k, v in value.items()})
 
 
+def _log_format(value: object) -> str:
+    if value not in {"json", "console"}:
+        raise ValueError("must be json or console")
+    return str(value)
+
+
 def _fields(value: object) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
@@ -201,7 +216,15 @@ PARSERS: Mapping[str, Callable[[object], Any]] = {
     "quota_fail_closed": _bool,
     "quota_margin": _non_negative_int,
     "model_encodings": _model_encodings,
+    "log_format": _log_format,
+    "audit_file": lambda value: None if value in (None, "") else Path(str(value)),
+    "audit_key": _optional_text,
+    "alerts": parse_alert_config,
+    "metrics_workspace_label": _bool,
+    "metrics_workspace_cap": _positive_int,
 }
+# Settings whose values may hold a password, a token or a key.
+CREDENTIAL_SETTINGS = frozenset({"upstream", "redis_url", "audit_key", "alerts"})
 # Read from these variables too, as the ecosystem names them.
 ENV_ALIASES = {"redis_url": "REDIS_URL"}
 assert set(PARSERS) == {f.name for f in fields(Settings)}
@@ -231,7 +254,9 @@ def load_settings(
         try:
             values[name] = PARSERS[name](value)
         except (ValueError, TypeError) as exc:
-            errors.append(f"{origin}: {value!r} {exc}")
+            # SECURITY: a URL or a header may carry a credential; such values are not echoed.
+            shown = "" if name in CREDENTIAL_SETTINGS else f"{value!r} "
+            errors.append(f"{origin}: {shown}{exc}")
     settings = Settings(**values) if not errors else Settings()
     if not errors and settings.port == settings.admin_port and settings.port != 0:
         errors.append(f"port and admin_port are both {settings.port}: the admin port must be its own")

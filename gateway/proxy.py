@@ -73,11 +73,14 @@ def response_headers(upstream: aiohttp.ClientResponse, *, keep_length: bool) -> 
     return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in dropped)
 
 
-def upstream_failure(exc: BaseException) -> web.Response:
+def upstream_failure(request: web.Request, exc: BaseException) -> web.Response:
     """502 for an upstream that cannot be reached or broke off, 504 for one that took too long."""
+    observer = request.app[STATE].observer
     if isinstance(exc, TimeoutError):
+        observer.upstream_error("timeout")
         log.warning("upstream timeout: %s", type(exc).__name__)
         return json_response(504, error_body("Upstream timed out"))
+    observer.upstream_error("unreachable")
     log.warning("upstream unreachable: %s", type(exc).__name__)
     return json_response(502, error_body("Upstream unreachable"))
 
@@ -124,7 +127,7 @@ async def pass_through(
             allow_redirects=False,
         )
     except UPSTREAM_ERRORS as exc:
-        return upstream_failure(exc)
+        return upstream_failure(request, exc)
     try:
         # The status is sent from here on: a failure can only cut the answer short.
         return await stream_back(request, upstream, tap)

@@ -6,6 +6,8 @@ import json
 import logging
 import posixpath
 import re
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -13,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.answers import (
+    INFO,
     AnswerTooLarge,
     EvaluationFailed,
     decide,
@@ -20,6 +23,7 @@ from gateway.answers import (
     read_bounded,
     withhold_messages,
 )
+from gateway.audit import RequestInfo, user_id
 from gateway.flashback import EVALUATION_FAILED, QUOTA_EXCEEDED, block_body, error_body
 from gateway.policy import Context, Stage
 from gateway.proxy import (
@@ -76,15 +80,69 @@ _CONVERSATIONS = re.compile(r"^/conversation/?$", re.IGNORECASE)
 _LEARN_LIMIT = 1 << 20
 
 
+EXCHANGE = web.RequestKey("exchange", Exchange)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def info_of(request: web.Request) -> RequestInfo:
+    return request.get(INFO) or RequestInfo()
+
+
+@web.middleware
+async def observe_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Times every request, counts it, and logs one ``request.completed`` event for it."""
+    state = request.app[STATE]
+    info = RequestInfo(user_id=user_id(request.headers.get("Authorization")))
+    incoming = request.headers.get("X-Request-Id", "")
+    if 0 < len(incoming) <= 128 and incoming.isprintable():
+        info.request_id = incoming
+    request[INFO] = info
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        elapsed = time.perf_counter() - info.started
+        metrics = state.observer.metrics
+        metrics.requests.labels(info.route, str(status)).inc()
+        metrics.request_duration.labels(info.route).observe(elapsed)
+        if info.prompt_own is not None:
+            metrics.overhead.labels("prompt").observe(info.prompt_own)
+        if info.route in {"prompt", "messages"} and status != 400:
+            metrics.overhead.labels("response").observe(info.response_own)
+        completed = {
+            "requestId": info.request_id,
+            "method": request.method,
+            "route": info.route,
+            "status": status,
+            "decision": info.decision,
+            "conversationId": info.conversation_id,
+            "workspace": info.workspace,
+            "userId": info.user_id,
+            "durationMs": round(elapsed * 1000, 3),
+            "upstreamMs": None if info.upstream_seconds is None else round(info.upstream_seconds * 1000, 3),
+            "tokens": None,
+        }
+        exchange = request.get(EXCHANGE)
+        if exchange is not None:
+            state.accountant.settle(exchange, completed)
+        else:
+            state.observer.request_completed(completed)
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
+    info = info_of(request)
     route = intercepted_route(request)
     if route is None:
         if request.method in {"GET", "POST"} and _CONVERSATIONS.match(request.path):
+            info.route = "conversations"
             return await learn_conversations(request)
         return await pass_through(request)
     if isinstance(route, web.Response):
         return route
     name, conversation_id = route
+    info.route, info.conversation_id = name, conversation_id
     try:
         if name == "prompt":
             return await prompt(request, conversation_id)
@@ -103,7 +161,8 @@ async def learn_conversations(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     directory = state.resolver.directory
     body: bytes | None = None
-    if request.method == "POST" and (request.content_length or 0) <= state.settings.body_limit:
+    length = request.content_length
+    if request.method == "POST" and length is not None and length <= state.settings.body_limit:
         body = await request.read()
     seen: list[bytes] = []
     size = 0
@@ -156,10 +215,14 @@ def _page_fetcher(request: web.Request) -> PageFetcher | None:
 async def resolve(request: web.Request, conversation_id: str) -> Resolution:
     state = request.app[STATE]
     try:
-        return await state.resolver.resolve(request.headers, conversation_id, _page_fetcher(request))
+        resolution = await state.resolver.resolve(request.headers, conversation_id, _page_fetcher(request))
     except (*UPSTREAM_ERRORS, ValueError, AnswerTooLarge) as exc:
+        state.observer.fallback("workspace", "lookup_failed")
         log.warning("workspace lookup failed: %s", type(exc).__name__)
-        return Resolution(Placement(UNRESOLVED), "unresolved")
+        resolution = Resolution(Placement(UNRESOLVED), "unresolved")
+    info = info_of(request)
+    info.workspace, info.repo = resolution.placement.workspace, resolution.placement.repo
+    return resolution
 
 
 def policy_context(resolution: Resolution) -> Context:
@@ -169,7 +232,8 @@ def policy_context(resolution: Resolution) -> Context:
     return Context(org=placement.org, workspace=placement.workspace, repo=placement.repo)
 
 
-def quota_exceeded(verdict: Verdict) -> web.Response:
+def quota_exceeded(request: web.Request, verdict: Verdict) -> web.Response:
+    request.app[STATE].observer.metrics.quota_rejections.inc()
     message = (
         "Token budget unavailable: usage store down and quotas fail closed"
         if verdict.period == "store unavailable"
@@ -202,33 +266,37 @@ async def prompt(request: web.Request, conversation_id: str) -> web.StreamRespon
     context = policy_context(resolution)
     verdict, ticket = await state.quota.admit(resolution.placement.workspace)
     if not verdict.allowed:
-        return quota_exceeded(verdict)
+        return quota_exceeded(request, verdict)
     model = payload.get("model")
     exchange = Exchange(
         conversation_id, resolution, model if isinstance(model, str) else None, payload["prompt"], ticket
     )
+    # Settled by the middleware once the answer is out: recorded, or its ticket released.
+    request[EXCHANGE] = exchange
+    decision = decide(request, Stage.PROMPT, payload["prompt"], context)
+    if decision.blocked:
+        return json_response(403, block_body(decision))
+    info = info_of(request)
+    exchange.forwarded = True
+    called = time.perf_counter()
+    info.prompt_own = called - info.started
     try:
-        decision = decide(state, Stage.PROMPT, payload["prompt"], context)
-        if decision.blocked:
-            return json_response(403, block_body(decision))
-        exchange.forwarded = True
-        try:
-            upstream = await state.session.post(
-                upstream_url(request),
-                data=body,
-                headers=upstream_headers(request, inspect=True),
-                allow_redirects=False,
-            )
-        except UPSTREAM_ERRORS as exc:
-            # Refused before the upstream had it: nothing was used.
-            exchange.forwarded = not isinstance(exc, aiohttp.ClientConnectorError)
-            return upstream_failure(exc)
-        try:
-            return await inspect_answer(request, upstream, context, exchange)
-        finally:
-            upstream.release()
+        upstream = await state.session.post(
+            upstream_url(request),
+            data=body,
+            headers=upstream_headers(request, inspect=True),
+            allow_redirects=False,
+        )
+    except UPSTREAM_ERRORS as exc:
+        # Refused before the upstream had it: nothing was used.
+        exchange.forwarded = not isinstance(exc, aiohttp.ClientConnectorError)
+        return upstream_failure(request, exc)
+    info.upstream_seconds = time.perf_counter() - called
+    state.observer.metrics.upstream_duration.observe(info.upstream_seconds)
+    try:
+        return await inspect_answer(request, upstream, context, exchange)
     finally:
-        state.accountant.settle(exchange)
+        upstream.release()
 
 
 async def messages(request: web.Request, conversation_id: str) -> web.StreamResponse:
@@ -239,7 +307,7 @@ async def messages(request: web.Request, conversation_id: str) -> web.StreamResp
             upstream_url(request), headers=upstream_headers(request, inspect=True), allow_redirects=False
         )
     except UPSTREAM_ERRORS as exc:
-        return upstream_failure(exc)
+        return upstream_failure(request, exc)
     try:
         return await withhold_messages(request, upstream, context)
     finally:

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from gateway.alerts import AlertDispatcher
+from gateway.audit import REDACTOR
 from gateway.config import Settings
+from gateway.metrics import Metrics
+from gateway.observe import Observer
 from gateway.policy import RuleSet, Stage
 from gateway.streaming import holdback_chars
 from gateway.usage.accounting import Accountant
@@ -19,12 +23,34 @@ from gateway.usage.tokens import TokenCounter
 from gateway.usage.workspaces import WorkspaceDirectory, WorkspaceResolver
 
 
-def make_store(settings: Settings) -> UsageStore:
+def make_store(settings: Settings, observer: Observer) -> UsageStore:
     if settings.redis_url is None:
         return MemoryUsageStore()
     return RedisUsageStore(
-        settings.redis_url, timeout=settings.redis_timeout, buffer_limit=settings.usage_buffer
+        settings.redis_url,
+        timeout=settings.redis_timeout,
+        buffer_limit=settings.usage_buffer,
+        on_fallback=lambda reason: observer.fallback("redis", reason),
     )
+
+
+def make_observer(settings: Settings) -> Observer:
+    metrics = Metrics(
+        workspace_label=settings.metrics_workspace_label, workspace_cap=settings.metrics_workspace_cap
+    )
+    observer = Observer(
+        metrics,
+        key=settings.audit_key.encode() if settings.audit_key else None,
+        alert_on_block=settings.alerts.on_block,
+    )
+    if settings.alerts.sinks:
+        metrics.alert_sinks(sink.name for sink in settings.alerts.sinks)
+        observer.alerts = AlertDispatcher(
+            settings.alerts,
+            on_result=lambda sink, result: metrics.alerts.labels(sink, result).inc(),
+            on_fallback=lambda reason: observer.fallback("alerts", reason),
+        )
+    return observer
 
 
 @dataclass(slots=True)
@@ -33,6 +59,7 @@ class GatewayState:
     ruleset: RuleSet
     field_paths: tuple[tuple[str, ...], ...] = field(init=False)
     holdback: int = field(init=False)
+    observer: Observer = field(init=False)
     store: UsageStore = field(init=False)
     accountant: Accountant = field(init=False)
     quota: QuotaGate = field(init=False)
@@ -43,10 +70,17 @@ class GatewayState:
         settings = self.settings
         self.field_paths = settings.field_paths
         self.holdback = holdback_chars(self.ruleset, Stage.RESPONSE, settings.stream_holdback)
-        self.store = make_store(settings)
-        self.accountant = Accountant(self.store, TokenCounter(settings.model_encodings))
+        self.observer = make_observer(settings)
+        self.observer.ruleset(self.ruleset)
+        REDACTOR.ruleset = self.ruleset
+        self.store = make_store(settings, self.observer)
+        self.accountant = Accountant(self.store, TokenCounter(settings.model_encodings), self.observer)
         self.quota = QuotaGate(
-            self.store, settings.quotas, fail_closed=settings.quota_fail_closed, margin=settings.quota_margin
+            self.store,
+            settings.quotas,
+            fail_closed=settings.quota_fail_closed,
+            margin=settings.quota_margin,
+            on_unchecked=lambda: self.observer.fallback("redis", "quota_unchecked"),
         )
         self.resolver = WorkspaceResolver(
             WorkspaceDirectory(cache_ttl=settings.workspace_cache_ttl),

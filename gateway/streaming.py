@@ -23,7 +23,7 @@ import json
 import re
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +153,8 @@ class StreamStep:
     blocked: Decision | None = None
     # Log/alert violations first seen now, spans in offsets of the whole stream text.
     violations: tuple[Violation, ...] = ()
+    # (start, end) of each span above, and of the block's -> the text it matched.
+    matched: Mapping[tuple[int, int], str] = dataclasses.field(default_factory=dict)
 
 
 class StreamGuard:
@@ -183,13 +185,21 @@ class StreamGuard:
             start = self._tail_start
             decision = evaluate(self._ruleset, self._stage, self._tail, self._context)
             violations = self._fresh(decision, start)
+            shifted = tuple(_shift(v, start) for v in decision.violations) if decision.blocked else ()
+            # The matched texts, for the caller's fingerprints, before the tail forgets them.
+            matched = {
+                (span.start, span.end): self._tail[span.start - start : span.end - start]
+                for violation in (*violations, *shifted)
+                for span in violation.spans
+            }
             keep = max(0, self._end - self._holdback - WINDOW_CONTEXT)
             self._tail, self._tail_start = self._tail[keep - start :], keep
             if decision.blocked:
                 self._closed = True
                 self._held.clear()
-                shifted = tuple(_shift(v, start) for v in decision.violations)
-                return StreamStep((), dataclasses.replace(decision, violations=shifted), violations)
+                blocked = dataclasses.replace(decision, violations=shifted)
+                return StreamStep((), blocked, violations, matched)
+            return StreamStep(self._release(self._end - self._holdback), None, violations, matched)
         return StreamStep(self._release(self._end - self._holdback), None, violations)
 
     def finish(self) -> StreamStep:

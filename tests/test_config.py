@@ -53,7 +53,7 @@ def test_every_invalid_setting_is_reported(tmp_path: Path) -> None:
         "unknown setting 'colour'",
         "body_limit: -1 must be a positive integer",
         "--port: 70000 must be a port number",
-        "--upstream: 'ftp://x' must be an http:// or https:// URL",
+        "--upstream: must be an http:// or https:// URL",
         "GATEWAY_READ_TIMEOUT: 'soon'",
         "GATEWAY_RESPONSE_FIELDS: 'a..b' bad response field path",
     ):
@@ -68,3 +68,18 @@ def test_the_admin_port_must_differ_from_the_public_port() -> None:
 def test_an_unreadable_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_settings({}, {}, tmp_path / "absent.yaml")
+
+
+def test_settings_that_may_hold_credentials_are_not_echoed_in_errors(tmp_path: Path) -> None:
+    """A bad Redis URL or alerts block is reported without repeating its password or token."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "alerts:\n  sinks:\n    - {type: pager, url: 'https://hooks.example/T0KEN-123'}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"redis_url": "http://:hunter2-secret@redis:6379"}, {}, config)
+    errors = "\n".join(raised.value.errors)
+    assert "--redis-url: must be a Redis URL" in errors
+    assert "alerts" in errors
+    assert "hunter2-secret" not in errors
+    assert "T0KEN-123" not in errors

@@ -80,5 +80,5 @@ async def test_bad_settings_stop_start_up() -> None:
     process = await _gateway("--upstream", "not a url", "--port", "8080", "--admin-port", "8080")
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
     assert process.returncode == 2
-    assert b"gateway: --upstream: 'not a url' must be an http:// or https:// URL" in stderr
+    assert b"gateway: --upstream: must be an http:// or https:// URL" in stderr
     assert b"1 error(s): settings refused" in stderr

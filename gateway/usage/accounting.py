@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.observe import Observer
 from gateway.usage.quota import Ticket
 from gateway.usage.store import Source, UsageRecord, UsageStore
 from gateway.usage.tokens import TokenCounter
@@ -72,16 +73,19 @@ def reported_usage(payload: Any) -> tuple[int | None, int | None]:
 class Accountant:
     """Counts and records exchanges in background tasks, so no answer waits for accounting."""
 
-    def __init__(self, store: UsageStore, counter: TokenCounter) -> None:
+    def __init__(self, store: UsageStore, counter: TokenCounter, observer: Observer) -> None:
         self.store = store
         self.counter = counter
+        self.observer = observer
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def settle(self, exchange: Exchange) -> None:
+    def settle(self, exchange: Exchange, completed: dict[str, Any]) -> None:
+        """Count and record the exchange in the background, then log ``request.completed``."""
         if not exchange.forwarded:
             exchange.ticket.release()
+            self.observer.request_completed(completed)
             return
-        task = asyncio.get_running_loop().create_task(self._record(exchange))
+        task = asyncio.get_running_loop().create_task(self._record(exchange, completed))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -102,14 +106,22 @@ class Accountant:
             at=exchange.at,
         )
 
-    async def _record(self, exchange: Exchange) -> None:
+    async def _record(self, exchange: Exchange, completed: dict[str, Any]) -> None:
         try:
-            await self.store.record(self.record_of(exchange))
+            record = self.record_of(exchange)
+            self.observer.tokens(record)
+            completed["tokens"] = {
+                "prompt": record.prompt_tokens,
+                "response": record.response_tokens,
+                "source": record.source,
+            }
+            await self.store.record(record)
         except Exception as exc:
             # The store buffers its own outages; anything else is a bug, logged by type only.
             log.error("usage record failed: %s", type(exc).__name__)
         finally:
             exchange.ticket.release()
+            self.observer.request_completed(completed)
 
     async def drain(self) -> None:
         """Wait for every scheduled record (at shutdown)."""

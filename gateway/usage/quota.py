@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -56,8 +56,10 @@ class QuotaGate:
         *,
         fail_closed: bool = False,
         margin: int = 16_384,
+        on_unchecked: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
+        self.on_unchecked = on_unchecked
         self.budgets = budgets
         self.fail_closed = fail_closed
         self.margin = margin
@@ -91,6 +93,7 @@ class QuotaGate:
         return verdict, Ticket(lock)
 
     def _unchecked(self, workspace: str, now: datetime) -> Verdict:
+        self.on_unchecked()
         log.warning("quota not checked for a workspace: usage store unavailable")
         if self.fail_closed:
             return Verdict(False, retry_after=30, period="store unavailable")

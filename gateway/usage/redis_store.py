@@ -102,7 +102,13 @@ class RedisUsageStore:
     """
 
     def __init__(
-        self, url: str, *, timeout: float = 0.25, buffer_limit: int = 100_000, key_prefix: str = "pgw"
+        self,
+        url: str,
+        *,
+        timeout: float = 0.25,
+        buffer_limit: int = 100_000,
+        key_prefix: str = "pgw",
+        on_fallback: Callable[[str], None] = lambda reason: None,
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain '{' or '}': the workspace is the hash tag")
@@ -119,6 +125,8 @@ class RedisUsageStore:
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        # Told "buffered" or "dropped" for each record not written on the spot (for metrics).
+        self._on_fallback = on_fallback
 
     @property
     def pending(self) -> int:
@@ -242,11 +250,13 @@ class RedisUsageStore:
             self._drop(record, None)
             return
         self._buffer.append(record)
+        self._on_fallback("buffered")
         self._ensure_flusher()
         self._wake.set()
 
     def _drop(self, record: UsageRecord, exc: BaseException | None) -> None:
         self._dropped += 1
+        self._on_fallback("dropped")
         if exc is not None:
             log.error(
                 "usage record %s of workspace %s refused by Redis (%s)", record.id, record.workspace, exc

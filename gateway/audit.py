@@ -1,0 +1,187 @@
+"""Logs and the audit trail: structured events that carry ids, offsets and fingerprints, no text.
+
+Every log line, the gateway's own and the libraries', goes through one structlog chain whose
+last processor before rendering is a redaction processor: the last line of defence if a value
+that looks like a secret ever reaches a log call.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from gateway.policy import Action, Decision, Mode, RuleSet, Stage, Violation, evaluate
+
+log = structlog.get_logger("gateway.audit")
+
+# Keys whose values are content, whatever they hold.
+_CONTENT_KEYS = frozenset({"prompt", "text", "content", "body", "matched", "authorization", "password"})
+# Values of these keys are the gateway's own vocabulary and ids; they are not scanned.
+_OWN_KEYS = frozenset({
+    "event", "level", "timestamp", "logger", "policyId", "policyName", "severity", "action", "mode",
+    "stage", "decision", "route", "method", "revision", "decisionId", "requestId", "fingerprints",
+})  # fmt: skip
+REDACTED = "[redacted]"
+
+
+class Redactor:
+    """Replaces content keys, and any value a block rule of the current rule set would catch."""
+
+    def __init__(self) -> None:
+        self.ruleset: RuleSet | None = None
+
+    def sensitive(self, value: str) -> bool:
+        if self.ruleset is None:
+            return False
+        decision = evaluate(self.ruleset, Stage.PROMPT, value)
+        return any(v.action is Action.BLOCK for v in decision.violations)
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in list(event.items()):
+            if key.lower() in _CONTENT_KEYS or (
+                key not in _OWN_KEYS and isinstance(value, str) and self.sensitive(value)
+            ):
+                event[key] = REDACTED
+        # The message of a stdlib log call is scanned too: it is where a careless %s would land.
+        message = event.get("event")
+        if isinstance(message, str) and self.sensitive(message):
+            event["event"] = REDACTED
+        return event
+
+
+REDACTOR = Redactor()
+
+
+def configure_logging(fmt: str = "json", stream: IO[str] | None = None, level: int = logging.INFO) -> None:
+    """One chain for structlog and stdlib records alike, rendered as JSON lines or for a console."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        REDACTOR,
+    ]
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+
+
+def user_id(authorization: str | None) -> str | None:
+    """The ``userId`` (or ``sub``) of a bearer JWT's payload, unverified: for attribution only.
+
+    The gateway does not check the signature; the upstream does. A forged token gives a forged
+    attribution in the audit trail, never access.
+    """
+    if not authorization or not authorization.lower().startswith("bearer "):
+        return None
+    parts = authorization[7:].strip().split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(payload, dict):
+        return None
+    value = payload.get("userId", payload.get("sub"))
+    return str(value)[:128] if isinstance(value, str | int) else None
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """Who and what a request is about, for its audit events."""
+
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    route: str = "passthrough"
+    conversation_id: str | None = None
+    workspace: str | None = None
+    repo: str | None = None
+    user_id: str | None = None
+    # Timings, for the overhead metric and the request.completed event.
+    started: float = field(default_factory=time.perf_counter)
+    upstream_seconds: float | None = None
+    prompt_own: float | None = None  # from arrival until the upstream was called
+    response_own: float = 0.0  # spent inspecting the answer
+    decision: str = "allow"  # the strongest action taken on this request
+
+
+def fingerprint(key: bytes, text: str) -> str:
+    return hmac.new(key, text.encode("utf-8", errors="replace"), hashlib.sha256).hexdigest()
+
+
+def violation_event(
+    violation: Violation,
+    decision: Decision,
+    decision_id: str,
+    info: RequestInfo,
+    matched: Callable[[int, int], str | None],
+    key: bytes,
+) -> dict[str, Any]:
+    """The audit record of one violation; field names follow the backend's where they overlap."""
+    spans = [(s.start, s.end) for s in violation.spans]
+    texts = [matched(start, end) for start, end in spans]
+    return {
+        "decisionId": decision_id,
+        "requestId": info.request_id,
+        "revision": decision.revision,
+        "policyId": violation.rule_id,
+        "policyName": violation.name,
+        "severity": violation.severity.value,
+        "action": violation.action.label,
+        "mode": violation.mode.value,
+        "stage": violation.stage.value,
+        "block": violation.effective_action is Action.BLOCK,
+        "wouldBlock": violation.mode is Mode.SHADOW and violation.action is Action.BLOCK,
+        "conversationId": info.conversation_id,
+        "workspace": info.workspace,
+        "repoId": info.repo,
+        "userId": info.user_id,
+        "offsets": spans,
+        "length": sum(end - start for start, end in spans),
+        "fingerprints": [fingerprint(key, text)[:32] for text in texts if text is not None],
+    }
+
+
+class AuditFile:
+    """Violations as JSON lines in a file of their own, for the security team's pipeline."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("a", encoding="utf-8", buffering=1)
+
+    def write(self, event: dict[str, Any]) -> None:
+        self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._file.close()

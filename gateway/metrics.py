@@ -1,0 +1,143 @@
+"""Every metric the gateway exports, defined in one place, on a registry of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.policy import Action, Rule, RuleSet, Stage
+
+# Reaching LLM latencies: a streamed answer can take minutes.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 120)
+ROUTES = ("prompt", "messages", "conversations", "passthrough")
+OTHER = "other"
+
+# Every (dependency, reason) the gateway can fall back on: each means something was not
+# evaluated, not counted or not delivered as designed.
+FALLBACKS = (
+    ("policy", "evaluation_error"),
+    ("answer", "encoded"),
+    ("answer", "too_large"),
+    ("answer", "event_too_large"),
+    ("redis", "buffered"),
+    ("redis", "dropped"),
+    ("redis", "quota_unchecked"),
+    ("workspace", "lookup_failed"),
+    ("alerts", "queue_full"),
+    ("alerts", "delivery_failed"),
+)
+UPSTREAM_ERRORS = ("unreachable", "timeout")
+ALERT_RESULTS = ("delivered", "failed", "dropped", "grouped")
+
+
+class Metrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        workspace_label: bool = False,
+        workspace_cap: int = 50,
+    ) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.workspace_label = workspace_label
+        self.workspace_cap = workspace_cap
+        self._workspaces: set[str] = set()
+        extra = ("workspace",) if workspace_label else ()
+        r = self.registry
+        self.requests = Counter(
+            "policy_gateway_requests", "Requests answered, by route and HTTP status.",
+            ("route", "status"), registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "policy_gateway_request_duration_seconds", "Time from request to complete answer.",
+            ("route",), buckets=BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_duration = Histogram(
+            "policy_gateway_upstream_duration_seconds", "Time the upstream took to answer (headers).",
+            buckets=BUCKETS, registry=r,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "policy_gateway_overhead_seconds", "The gateway's own time, upstream excluded.",
+            ("stage",), buckets=OVERHEAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.violations = Counter(
+            "policy_gateway_violations", "Rule matches, by policy and outcome.",
+            ("policy", "action", "mode", "stage", "severity", *extra), registry=r,
+        )  # fmt: skip
+        self.decisions = Counter(
+            "policy_gateway_decisions", "Decisions, by stage and effective action.",
+            ("stage", "action"), registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "policy_gateway_tokens", "Tokens counted, by direction and source.",
+            ("direction", "source", *extra), registry=r,
+        )  # fmt: skip
+        self.quota_rejections = Counter(
+            "policy_gateway_quota_rejections", "Requests refused because a budget was used up.", registry=r
+        )
+        self.upstream_errors = Counter(
+            "policy_gateway_upstream_errors", "Upstream calls that failed, by kind.", ("kind",), registry=r
+        )
+        self.fallbacks = Counter(
+            "policy_gateway_fallbacks",
+            "Times something was not evaluated, not counted or not delivered as designed.",
+            ("dependency", "reason"), registry=r,
+        )  # fmt: skip
+        self.alerts = Counter(
+            "policy_gateway_alerts", "Alert deliveries, by sink and result.", ("sink", "result"), registry=r
+        )
+        self.ruleset_info = Gauge(
+            "policy_gateway_ruleset_info", "The rule set serving (1), by revision.", ("revision",), registry=r
+        )
+        self.rules = Gauge(
+            "policy_gateway_rules", "Rules loaded, by stage and action.", ("stage", "action"), registry=r
+        )
+        for route in ROUTES:
+            self.request_duration.labels(route)
+        for kind in UPSTREAM_ERRORS:
+            self.upstream_errors.labels(kind)
+        for dependency, reason in FALLBACKS:
+            self.fallbacks.labels(dependency, reason)
+        for stage in Stage:
+            self.overhead.labels(stage.value)
+            for action in Action:
+                self.decisions.labels(stage.value, action.label)
+        for direction in ("prompt", "response"):
+            for source in ("reported", "estimated"):
+                self.tokens.labels(direction, source, *((OTHER,) if workspace_label else ()))
+
+    def load_ruleset(self, ruleset: RuleSet) -> None:
+        """Show a (new) rule set: its revision, its rule counts, and its violation series at 0."""
+        self.ruleset_info.clear()
+        self.ruleset_info.labels(ruleset.revision).set(1)
+        self.rules.clear()
+        for stage in Stage:
+            for action in (Action.LOG, Action.ALERT, Action.BLOCK):
+                count = sum(1 for rule in ruleset.rules if stage in rule.stages and rule.action is action)
+                self.rules.labels(stage.value, action.label).set(count)
+        for labels in _violation_labels(ruleset.rules):
+            self.violations.labels(*labels, *((OTHER,) if self.workspace_label else ()))
+
+    def alert_sinks(self, names: Iterable[str]) -> None:
+        for name in names:
+            for result in ALERT_RESULTS:
+                self.alerts.labels(name, result)
+
+    def workspace(self, workspace: str) -> tuple[str, ...]:
+        """The workspace label values to add, if any: a bounded set, the rest become ``other``."""
+        if not self.workspace_label:
+            return ()
+        if workspace in self._workspaces:
+            return (workspace,)
+        if len(self._workspaces) < self.workspace_cap:
+            self._workspaces.add(workspace)
+            return (workspace,)
+        return (OTHER,)
+
+
+def _violation_labels(rules: Iterable[Rule]) -> Iterable[tuple[str, str, str, str, str]]:
+    for rule in rules:
+        for stage in sorted(rule.stages, key=lambda s: s.value):
+            yield rule.id, rule.action.label, rule.mode.value, stage.value, rule.severity.value

@@ -1,0 +1,125 @@
+"""Making every decision visible: metrics, audit events, the audit file and alerts, in one place.
+
+Handlers report what happened here; nothing else writes a violation anywhere, so no path can
+forget the rule that matched text never leaves the gateway.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from gateway.alerts import AlertDispatcher, AlertEvent
+from gateway.audit import AuditFile, RequestInfo, violation_event
+from gateway.metrics import Metrics
+from gateway.policy import Action, Decision, Mode, RuleSet, Stage, Violation
+from gateway.usage.store import UsageRecord
+
+log = structlog.get_logger("gateway")
+
+Matched = Callable[[int, int], str | None]
+
+
+class Observer:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        key: bytes | None = None,
+        audit_file: AuditFile | None = None,
+        alerts: AlertDispatcher | None = None,
+        alert_on_block: bool = False,
+    ) -> None:
+        self.metrics = metrics
+        # Without a configured key, fingerprints still correlate events within one process.
+        self.key = key or secrets.token_bytes(32)
+        self.audit_file = audit_file
+        self.alerts = alerts
+        self.alert_on_block = alert_on_block
+
+    def ruleset(self, ruleset: RuleSet) -> None:
+        self.metrics.load_ruleset(ruleset)
+
+    def decision(self, decision: Decision, info: RequestInfo, matched: Matched) -> None:
+        self.metrics.decisions.labels(decision.stage.value, decision.action.label).inc()
+        self.violations(decision, decision.violations, info, matched)
+
+    def stream_decision(self, stage: Stage, action: Action) -> None:
+        """A streamed answer counts as one decision, its strongest action, when it ends."""
+        self.metrics.decisions.labels(stage.value, action.label).inc()
+
+    def violations(
+        self, decision: Decision, violations: Iterable[Violation], info: RequestInfo, matched: Matched
+    ) -> None:
+        decision_id = uuid.uuid4().hex
+        workspace = self.metrics.workspace(info.workspace or "unresolved")
+        for violation in violations:
+            self.metrics.violations.labels(
+                violation.rule_id, violation.action.label, violation.mode.value,
+                violation.stage.value, violation.severity.value, *workspace,
+            ).inc()  # fmt: skip
+            event = violation_event(violation, decision, decision_id, info, matched, self.key)
+            log.info("policy.violation", **event)
+            if self.audit_file is not None:
+                self.audit_file.write({"event": "policy.violation", "timestamp": _now(), **event})
+            if self._alerting(violation) and self.alerts is not None:
+                self.alerts.submit(_alert(violation, event, info))
+
+    def _alerting(self, violation: Violation) -> bool:
+        if violation.mode is Mode.SHADOW:
+            return False
+        return violation.action is Action.ALERT or (self.alert_on_block and violation.action is Action.BLOCK)
+
+    def fallback(self, dependency: str, reason: str) -> None:
+        self.metrics.fallbacks.labels(dependency, reason).inc()
+
+    def upstream_error(self, kind: str) -> None:
+        self.metrics.upstream_errors.labels(kind).inc()
+
+    def tokens(self, record: UsageRecord) -> None:
+        workspace = self.metrics.workspace(record.workspace)
+        self.metrics.tokens.labels("prompt", record.source, *workspace).inc(record.prompt_tokens)
+        self.metrics.tokens.labels("response", record.source, *workspace).inc(record.response_tokens)
+
+    def request_completed(self, fields: dict[str, Any]) -> None:
+        log.info("request.completed", **fields)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _alert(violation: Violation, event: dict[str, Any], info: RequestInfo) -> AlertEvent:
+    return AlertEvent(
+        policy_id=violation.rule_id,
+        policy_name=violation.name,
+        severity=violation.severity.value,
+        action=violation.action.label,
+        stage=violation.stage.value,
+        workspace=info.workspace or "unresolved",
+        conversation_id=info.conversation_id,
+        repo=info.repo,
+        revision=event["revision"],
+        decision_id=event["decisionId"],
+        request_id=info.request_id,
+        fingerprints=tuple(event["fingerprints"]),
+        at=datetime.now(UTC),
+    )
+
+
+class Stopwatch:
+    """Splits a request's time into the gateway's own and the upstream's."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.upstream = 0.0
+        self.response_own = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started

@@ -73,9 +73,7 @@ def test_an_unreadable_config_file_is_an_error(tmp_path: Path) -> None:
 def test_settings_that_may_hold_credentials_are_not_echoed_in_errors(tmp_path: Path) -> None:
     """A bad Redis URL or alerts block is reported without repeating its password or token."""
     config = tmp_path / "gateway.yaml"
-    config.write_text(
-        "alerts:\n  sinks:\n    - {type: pager, url: 'https://hooks.example/T0KEN-123'}\n"
-    )
+    config.write_text("alerts:\n  sinks:\n    - {type: pager, url: 'https://hooks.example/T0KEN-123'}\n")
     with pytest.raises(ConfigError) as raised:
         load_settings({"redis_url": "http://:hunter2-secret@redis:6379"}, {}, config)
     errors = "\n".join(raised.value.errors)

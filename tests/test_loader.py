@@ -211,3 +211,50 @@ def test_a_rule_set_too_large_for_the_re2_budget_is_refused_loudly(write_policie
     (problem,) = raised.value.problems
     assert "200 patterns do not fit RE2's 0.25 MiB budget" in problem.message
     assert compile_ruleset(loaded, revision).plans[Stage.PROMPT].probe_count == 200
+
+
+OVERRIDES = """\
+overrides:
+  - {id: a.one, action: log, mode: shadow}
+  - {id: "b.*", enabled: false}
+"""
+
+
+def test_overrides_change_or_switch_off_rules_without_editing_them(write_policies: Write) -> None:
+    """A later file's overrides change an action and mode, and switch off a family by glob."""
+    directory = write_policies(
+        {
+            "a.yaml": GOOD,
+            "b.yaml": GOOD.replace("a.one", "b.two")
+            + GOOD.replace("policies:\n", "").replace("a.one", "b.three"),
+            "z-overrides.yaml": OVERRIDES,
+        }
+    )
+    rules, _ = load_rules([directory])
+    assert [(r.id, r.action, r.mode) for r in rules] == [("a.one", Action.LOG, Mode.SHADOW)]
+
+
+def test_the_builtin_pack_can_be_named_and_overridden(tmp_path: Path) -> None:
+    """`builtin` names the shipped pack; a team's directory after it has the last word."""
+    (tmp_path / "team.yaml").write_text("overrides:\n  - {id: pii.email, enabled: false}\n")
+    rules, _ = load_rules([Path("builtin"), tmp_path])
+    ids = {r.id for r in rules}
+    assert "pii.email" not in ids
+    assert "secrets.aws-access-key-id" in ids
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        pytest.param(
+            "overrides:\n  - {id: nope.rule, action: log}\n", "names no loaded rule", id="unknown id"
+        ),
+        pytest.param("overrides:\n  - {id: a.one, colour: red}\n", "unknown key 'colour'", id="unknown key"),
+        pytest.param("overrides:\n  - {id: a.one, enabled: maybe}\n", "true or false", id="bad enabled"),
+        pytest.param("overrides:\n  - {id: a.one, action: shout}\n", "action must be", id="bad action"),
+        pytest.param("overrides: {}\n", "expected a list", id="not a list"),
+    ],
+)
+def test_bad_overrides_are_refused_with_their_line(write_policies: Write, text: str, fragment: str) -> None:
+    problems = _problems(write_policies({"a.yaml": GOOD, "o.yaml": text}))
+    assert any(name == "o.yaml" and fragment in message for name, _, _, message in problems), problems

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import json
 import logging
 import time
 from collections.abc import Iterable
@@ -12,6 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway import jsonlib
 from gateway.audit import RequestInfo
 from gateway.flashback import (
     RESPONSE_BLOCKED,
@@ -141,7 +141,7 @@ def _answer_texts(raw: bytes, state: GatewayState, *, json_answer: bool) -> tupl
     """The texts to evaluate, and the parsed JSON answer (None when it is not JSON)."""
     if json_answer:
         try:
-            payload = json.loads(raw)
+            payload = jsonlib.loads(raw)
         except ValueError:
             pass
         else:
@@ -228,7 +228,7 @@ def _note_streamed(exchange: Exchange, event: bytes, text: str, *, limit: int, s
         for line in event.splitlines():
             if line.startswith(b"data:"):
                 try:
-                    exchange.note_reported(json.loads(line[5:]))
+                    exchange.note_reported(jsonlib.loads(line[5:]))
                 except ValueError:
                     continue
 
@@ -246,7 +246,7 @@ async def withhold_messages(
         state.observer.fallback("answer", "too_large")
         return json_response(502, error_body("Upstream answer too large to inspect"))
     try:
-        payload = json.loads(raw)
+        payload = jsonlib.loads(raw)
     except ValueError:
         payload = None
     messages = payload.get("messages") if isinstance(payload, dict) else None
@@ -268,7 +268,7 @@ async def withhold_messages(
                 message["content"] = withheld_notice(decision)
                 message["policyWithheld"] = True
                 withheld += 1
-        body = json.dumps(payload).encode() if withheld else raw
+        body = jsonlib.dumps(payload) if withheld else raw
     return web.Response(
         status=upstream.status,
         reason=upstream.reason,

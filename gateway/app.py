@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.audit import AuditFile
 from gateway.config import Settings
 from gateway.policy import RuleSet
+from gateway.reload import Reloader
 from gateway.routes import add_routes, observe_requests
 from gateway.state import STATE, GatewayState
 from gateway.usage.store import Period, StoreUnavailable, Totals
@@ -75,13 +78,36 @@ def build_public_app(state: GatewayState) -> web.Application:
     return app
 
 
-def build_admin_app(state: GatewayState) -> web.Application:
+def build_admin_app(state: GatewayState, reloader: Reloader | None = None) -> web.Application:
+    reloader = reloader or Reloader(state)
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
         ruleset = state.ruleset
-        return web.json_response({"ready": True, "revision": ruleset.revision, "rules": len(ruleset.rules)})
+        body: dict[str, object] = {"ready": True, "revision": ruleset.revision, "rules": len(ruleset.rules)}
+        if state.settings.redis_url is not None:
+            reachable = await state.store.reachable()
+            body["redis"] = "reachable" if reachable else "unreachable"
+            if not reachable:
+                # Usage is buffered either way; only fail-closed quotas make the instance unfit.
+                body["quotas"] = "fail-closed" if state.settings.quota_fail_closed else "fail-open"
+                body["ready"] = not state.settings.quota_fail_closed
+        return web.json_response(body, status=200 if body["ready"] else 503)
+
+    async def reload(_: web.Request) -> web.Response:
+        result = await reloader.reload()
+        if not result.ok:
+            return web.json_response(
+                {"success": False, "message": "policies refused; the previous rule set keeps serving",
+                 "revision": result.revision, "errors": list(result.errors)},
+                status=422,
+            )  # fmt: skip
+        reloader.tell_other_workers()
+        return web.json_response(
+            {"success": True, "revision": result.revision, "rules": result.rules, "changed": result.changed}
+        )
 
     async def usage(request: web.Request) -> web.Response:
         period_name = request.query.get("period", "day")
@@ -95,7 +121,7 @@ def build_admin_app(state: GatewayState) -> web.Application:
         return web.json_response(usage_body(workspace, period, now, totals))
 
     async def metrics(_: web.Request) -> web.Response:
-        body = generate_latest(state.observer.metrics.registry)
+        body = state.observer.metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
@@ -103,6 +129,7 @@ def build_admin_app(state: GatewayState) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/usage/{workspace}", usage)
+    app.router.add_post("/-/reload", reload)
     return app
 
 
@@ -119,16 +146,31 @@ def usage_body(workspace: str, period: Period, now: datetime, totals: Totals) ->
     }
 
 
-async def run(settings: Settings, ruleset: RuleSet) -> None:
+async def run(settings: Settings, ruleset: RuleSet, *, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: stop accepting, let requests under way finish
+    (up to ``shutdown_timeout``), record their usage, flush it and queued alerts, return."""
     state = GatewayState(settings, ruleset)
+    reloader = Reloader(state)
     # SECURITY: a client that goes away cancels its handler, and with it the upstream call.
-    public = web.AppRunner(build_public_app(state), handler_cancellation=True, access_log=None)
-    admin = web.AppRunner(build_admin_app(state), access_log=None)
+    public = web.AppRunner(
+        build_public_app(state),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    admin = web.AppRunner(build_admin_app(state, reloader), access_log=None, shutdown_timeout=2.0)
     await public.setup()
     await admin.setup()
+    background: set[asyncio.Task[None]] = set()
+
+    def spawn(coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
     try:
-        await web.TCPSite(public, settings.host, settings.port).start()
-        await web.TCPSite(admin, settings.admin_host, settings.admin_port).start()
+        await web.TCPSite(public, settings.host, settings.port, reuse_port=reuse_port).start()
+        await web.TCPSite(admin, settings.admin_host, settings.admin_port, reuse_port=reuse_port).start()
         log.info(
             "gateway.serving",
             listen=f"{settings.host}:{settings.port}",
@@ -138,13 +180,25 @@ async def run(settings: Settings, ruleset: RuleSet) -> None:
             rules=len(ruleset.rules),
             store="redis" if settings.redis_url else "memory",
             stream_holdback_chars=state.holdback,
+            pid=os.getpid(),
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: spawn(_reload(reloader)))
+        if settings.watch_policies:
+            spawn(reloader.watch())
         await stop.wait()
-        log.info("gateway.stopping")
+        log.info("gateway.stopping", pid=os.getpid(), shutdown_timeout=settings.shutdown_timeout)
     finally:
+        for task in list(background):
+            task.cancel()
+        # Public first: it stops accepting, finishes what is under way, then flushes usage and alerts.
         await public.cleanup()
         await admin.cleanup()
+        log.info("gateway.stopped", pid=os.getpid())
+
+
+async def _reload(reloader: Reloader) -> None:
+    await reloader.reload()

@@ -26,8 +26,10 @@ from gateway.policy import (
     load_ruleset,
 )
 from gateway.policy.selftest import run_rule_tests
+from gateway.runtime import run_loop
 from gateway.usage.redis_store import RedisUsageStore
 from gateway.usage.store import Period, StoreUnavailable, Totals
+from gateway.workers import serve_workers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,6 +115,15 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse budgeted workspaces while Redis is down (default: serve them)",
     )
     serve.add_argument("--log-format", choices=["json", "console"], help="log lines (default json)")
+    serve.add_argument("--workers", type=int, help="processes serving the same ports (default 1)")
+    serve.add_argument("--shutdown-timeout", type=float, help="seconds to finish requests on SIGTERM (30)")
+    serve.add_argument(
+        "--watch-policies",
+        action="store_const",
+        const=True,
+        default=None,
+        help="reload when a policy file changes",
+    )
     serve.add_argument("--audit-file", type=Path, help="also append violations to this JSON-lines file")
     serve.set_defaults(run=_serve)
 
@@ -184,9 +195,12 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"gateway: {error}", file=sys.stderr)
         print(f"{len(exc.errors)} error(s): settings refused", file=sys.stderr)
         return 2
+    # Checked here, once: a bad policy directory stops start-up with the `gateway check` listing.
     ruleset = load_ruleset(settings.policies or [BUILTIN_POLICY_DIR])
     configure_logging(settings.log_format)
-    asyncio.run(run(settings, ruleset))
+    if settings.workers > 1:
+        return serve_workers(settings)
+    run_loop(run(settings, ruleset))
     return 0
 
 

@@ -71,6 +71,9 @@ class Settings:
     alerts: AlertConfig = field(default_factory=AlertConfig)
     metrics_workspace_label: bool = False
     metrics_workspace_cap: int = 50
+    watch_policies: bool = False  # reload when a policy file changes (polled every 2 s)
+    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    workers: int = 1  # processes serving the same ports (SO_REUSEPORT)
 
     @property
     def upstream_url(self) -> URL:
@@ -222,6 +225,9 @@ PARSERS: Mapping[str, Callable[[object], Any]] = {
     "alerts": parse_alert_config,
     "metrics_workspace_label": _bool,
     "metrics_workspace_cap": _positive_int,
+    "watch_policies": _bool,
+    "shutdown_timeout": _positive_float,
+    "workers": _positive_int,
 }
 # Settings whose values may hold a password, a token or a key.
 CREDENTIAL_SETTINGS = frozenset({"upstream", "redis_url", "audit_key", "alerts"})

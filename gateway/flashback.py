@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from gateway import jsonlib
 from gateway.policy import Decision, Stage, Violation
 
 # Where an answer of the conversation API carries text meant for the user. `message` is what
@@ -26,7 +26,7 @@ QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
 
 
 def error_body(message: str, **extra: object) -> bytes:
-    return json.dumps({"success": False, "message": message, **extra}).encode()
+    return jsonlib.dumps({"success": False, "message": message, **extra})
 
 
 def violation_records(violations: Iterable[Violation]) -> list[dict[str, str]]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from gateway.policy import Action, Rule, RuleSet, Stage
 
@@ -88,16 +89,25 @@ class Metrics:
         self.alerts = Counter(
             "policy_gateway_alerts", "Alert deliveries, by sink and result.", ("sink", "result"), registry=r
         )
+        # With several workers the highest value wins: a revision still served by one shows 1.
         self.ruleset_info = Gauge(
-            "policy_gateway_ruleset_info", "The rule set serving (1), by revision.", ("revision",), registry=r
-        )
+            "policy_gateway_ruleset_info", "The rule set serving (1), by revision.", ("revision",),
+            registry=r, multiprocess_mode="max",
+        )  # fmt: skip
         self.rules = Gauge(
-            "policy_gateway_rules", "Rules loaded, by stage and action.", ("stage", "action"), registry=r
+            "policy_gateway_rules", "Rules loaded, by stage and action.", ("stage", "action"),
+            registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+        self.reloads = Counter(
+            "policy_gateway_reloads", "Policy reloads, by result (ok, failed).", ("result",), registry=r
         )
+        self._revision: str | None = None
         for route in ROUTES:
             self.request_duration.labels(route)
         for kind in UPSTREAM_ERRORS:
             self.upstream_errors.labels(kind)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result)
         for dependency, reason in FALLBACKS:
             self.fallbacks.labels(dependency, reason)
         for stage in Stage:
@@ -110,15 +120,25 @@ class Metrics:
 
     def load_ruleset(self, ruleset: RuleSet) -> None:
         """Show a (new) rule set: its revision, its rule counts, and its violation series at 0."""
-        self.ruleset_info.clear()
+        if self._revision is not None and self._revision != ruleset.revision:
+            # Set to 0 rather than removed: other workers' files keep series a clear() would not.
+            self.ruleset_info.labels(self._revision).set(0)
+        self._revision = ruleset.revision
         self.ruleset_info.labels(ruleset.revision).set(1)
-        self.rules.clear()
         for stage in Stage:
             for action in (Action.LOG, Action.ALERT, Action.BLOCK):
                 count = sum(1 for rule in ruleset.rules if stage in rule.stages and rule.action is action)
                 self.rules.labels(stage.value, action.label).set(count)
         for labels in _violation_labels(ruleset.rules):
             self.violations.labels(*labels, *((OTHER,) if self.workspace_label else ()))
+
+    def exposition(self) -> bytes:
+        """The text format; with several workers, the sum (or max) over all of them."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
     def alert_sinks(self, names: Iterable[str]) -> None:
         for name in names:

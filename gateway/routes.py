@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import posixpath
 import re
 import time
@@ -14,6 +14,7 @@ from urllib.parse import unquote
 import aiohttp
 from aiohttp import web
 
+from gateway import jsonlib
 from gateway.answers import (
     INFO,
     AnswerTooLarge,
@@ -113,6 +114,7 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
             metrics.overhead.labels("response").observe(info.response_own)
         completed = {
             "requestId": info.request_id,
+            "pid": os.getpid(),
             "method": request.method,
             "route": info.route,
             "status": status,
@@ -176,11 +178,11 @@ async def learn_conversations(request: web.Request) -> web.StreamResponse:
     response = await pass_through(request, body=body, tap=tap)
     if response.status == 200 and size <= _LEARN_LIMIT:
         try:
-            answer = json.loads(b"".join(seen))
+            answer = jsonlib.loads(b"".join(seen))
             if request.method == "GET":
                 directory.learn_list(answer)
             elif body is not None:
-                directory.learn_created(json.loads(body), answer)
+                directory.learn_created(jsonlib.loads(body), answer)
         except ValueError:
             pass
     return response
@@ -207,7 +209,7 @@ def _page_fetcher(request: web.Request) -> PageFetcher | None:
         ) as answer:
             if answer.status != 200:
                 return answer.status, None
-            return 200, json.loads(await read_bounded(answer.content, _LEARN_LIMIT))
+            return 200, jsonlib.loads(await read_bounded(answer.content, _LEARN_LIMIT))
 
     return fetch
 
@@ -254,7 +256,7 @@ async def prompt(request: web.Request, conversation_id: str) -> web.StreamRespon
     except AnswerTooLarge:
         return json_response(413, error_body(f"Request body over {limit} bytes"))
     try:
-        payload = json.loads(body)
+        payload = jsonlib.loads(body)
     except ValueError:
         return _bad_request("Request body must be JSON")
     if not isinstance(payload, dict) or "prompt" not in payload:

@@ -88,6 +88,13 @@ class GatewayState:
             lookup_pages=settings.workspace_lookup_pages,
         )
 
+    def swap_ruleset(self, ruleset: RuleSet) -> None:
+        """Serve a new rule set from the next evaluation on; requests under way keep theirs."""
+        holdback = holdback_chars(ruleset, Stage.RESPONSE, self.settings.stream_holdback)
+        self.ruleset, self.holdback = ruleset, holdback
+        self.observer.ruleset(ruleset)
+        REDACTOR.ruleset = ruleset
+
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:

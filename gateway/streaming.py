@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import re
 import warnings
 from collections import deque
@@ -27,6 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import jsonlib
 from gateway.flashback import extract_texts
 from gateway.policy import Action, Context, Decision, RuleSet, Span, Stage, Violation, evaluate
 from gateway.policy.ruleset import AllNode, AnyNode, MaxTokensNode, Node, NotNode, ProbeNode
@@ -99,7 +99,7 @@ def sse_event_text(event: bytes, paths: Sequence[tuple[str, ...]]) -> str:
     if joined == "[DONE]":
         return ""
     try:
-        payload = json.loads(joined)
+        payload = jsonlib.loads(joined)
     except ValueError:
         return joined
     if isinstance(payload, dict | list):

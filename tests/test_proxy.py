@@ -537,7 +537,8 @@ async def test_a_stream_event_too_large_to_inspect_ends_the_stream(
         received = await response.read()
     assert b"z" * 100 not in received
     assert received.endswith(b"\n\n")
-    assert b'"error_code": "RESPONSE_BLOCKED"' in received.split(b"event: error\n")[-1]
+    error = json.loads(received.split(b"event: error\ndata: ")[-1])
+    assert error["error_code"] == "RESPONSE_BLOCKED"
 
 
 async def test_a_chunked_text_answer_is_guarded_like_a_stream(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import math
 import re
@@ -161,6 +162,76 @@ def _generic_secret(value: str, params: Params) -> bool:
     return shannon_entropy(value) >= min_entropy
 
 
+# Personal data beyond cards and bank accounts: SSNs written without their separators, IP
+# addresses and phone numbers. Each pattern takes its whole token (context characters outside
+# group ``v``), so that a look-alike is refused as a whole rather than matched in part.
+
+# Numbers the SSA voided after they were printed as samples (a wallet insert, a leaflet).
+_PUBLISHED_SSNS = frozenset({"078051120", "219099999"})
+
+
+def _us_ssn_unformatted(candidate: str, _: Params) -> bool:
+    digits = candidate.replace("-", "")
+    return ssn_valid(digits) and digits not in _PUBLISHED_SSNS
+
+
+def _ipv4_address(candidate: str, _: Params) -> bool:
+    try:
+        ipaddress.IPv4Interface(candidate)
+    except ValueError:
+        return False
+    return True
+
+
+def _ipv6_address(candidate: str, _: Params) -> bool:
+    address = candidate.split("/", 1)[0].split("%", 1)[0]
+    # "::" alone and all-letter forms ("Cafe::Add") are C++, Haskell and reST punctuation
+    # far more often than addresses: an address needs a digit, "::" a prefix length.
+    if not any(char.isdigit() for char in candidate) or (address == "::" and "/" not in candidate):
+        return False
+    try:
+        ipaddress.IPv6Interface(candidate)
+    except ValueError:
+        return False
+    return True
+
+
+def _nanp_valid(digits: str) -> bool:
+    """A North American number: area code and exchange start with 2-9 and are not N11."""
+    return (
+        len(digits) == 10
+        and digits[0] >= "2"
+        and digits[3] >= "2"
+        and digits[1:3] != "11"
+        and digits[4:6] != "11"
+    )
+
+
+def _phone(candidate: str, _: Params) -> bool:
+    digits = "".join(char for char in candidate if char.isdigit())
+    if len(set(digits)) == 1:
+        return False
+    opened, closed = candidate.find("("), candidate.find(")")
+    if candidate.count("(") != candidate.count(")") or candidate.count("(") > 1 or opened > closed:
+        return False
+    if candidate.startswith("+"):
+        # E.164: at most 15 digits with the country code; +1 is the North American plan.
+        if digits.startswith("1"):
+            return _nanp_valid(digits[1:])
+        return 8 <= len(digits) <= 15
+    if digits.startswith("0"):
+        # A national number with its trunk prefix (020 7123 4567, 090-1234-5678).
+        return 9 <= len(digits) <= 11 and digits[1] != "0"
+    separators = {char for char in candidate.split(")")[-1].lstrip() if char in " .-"}
+    if len(separators) > 1:
+        return False
+    return _nanp_valid(digits[1:] if len(digits) == 11 and digits[0] == "1" else digits)
+
+
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_HEXTET = r"[0-9A-Fa-f]{1,4}"
+
+
 _CREDENTIAL_NAME = (
     r"(?:pass(?:word|wd)?|pwd|secret|token|api[_.-]?key|apikey|access[_.-]?key|auth[_.-]?key"
     r"|client[_.-]?secret|private[_.-]?key|credentials?)"
@@ -217,6 +288,37 @@ BUILTIN: Mapping[str, Detector] = {
             r"\s*(?:=|:=|:|=>|->)\s*[\"'`]?(?P<v>[^\s\"'`;,]{6,256})",
             _generic_secret,
             {"min_length": Param(int, 12, minimum=1), "min_entropy": Param(float, 3.0, minimum=0)},
+        ),
+        Detector(
+            "us_ssn_unformatted",
+            "US social security number written without its separators (nine bare digits, or "
+            "3-6 digits), validated as us_ssn; voided sample numbers refused",
+            r"(?:^|[^\w$€£.,+-])(?P<v>\d{9}|\d{3}-\d{6})(?:$|[^\w.,-]|[.,](?:$|\D))",
+            _us_ssn_unformatted,
+        ),
+        Detector(
+            "ipv4_address",
+            "IPv4 address, each octet at most 255, with an optional /0-32 prefix length",
+            rf"\b(?:{_OCTET}\.){{3}}{_OCTET}(?:/(?:3[0-2]|[12]?\d))?\b",
+            _ipv4_address,
+        ),
+        Detector(
+            "ipv6_address",
+            "IPv6 address, full or compressed, with an optional embedded IPv4 address, zone "
+            "and prefix length; parsed to check it",
+            r"(?:^|[^\w:])(?P<v>(?:(?:" + _HEXTET + r")?:){2,8}(?:\d{1,3}(?:\.\d{1,3}){3}|"
+            + _HEXTET + r")?(?:%[0-9A-Za-z_-]{1,32})?(?:/(?:12[0-8]|1[01]\d|[1-9]?\d))?)"
+            r"(?:$|[^\w:.]|\.(?:$|\W))",
+            _ipv6_address,
+        ),
+        Detector(
+            "phone",
+            "phone number: international (+ and country code, at most 15 digits), North "
+            "American (area code and exchange checked) or national with a trunk 0",
+            r"(?:^|[^\w+./-])(?P<v>\+[1-9](?:[ .-]?\(?\d\)?){6,14}"
+            r"|(?:1[ .-]?)?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}"
+            r"|\(?0\d{1,4}\)?(?:[ -]\d{2,8}){1,4})\b",
+            _phone,
         ),
     )
 }

@@ -58,6 +58,9 @@ class MemoryUsageStore:
     async def start(self) -> None:
         return None
 
+    async def reachable(self) -> bool:
+        return True
+
     async def close(self) -> None:
         return None
 

@@ -299,6 +299,10 @@ class RedisUsageStore:
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
+    async def reachable(self) -> bool:
+        """Ask Redis now (bounded by ``timeout``): for readiness checks."""
+        return await self._probe()
+
     async def _probe(self) -> bool:
         try:
             async with asyncio.timeout(self._timeout):

@@ -64,6 +64,9 @@ class UsageStore(Protocol):
     async def conversation_totals(self, workspace: str, conversation_id: str) -> Totals:
         """All-time totals of one conversation."""
 
+    async def reachable(self) -> bool:
+        """Whether the backend answers now (bounded in time), for readiness."""
+
     async def close(self) -> None:
         """Flush what is buffered (bounded in time), then release connections."""
 

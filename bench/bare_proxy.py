@@ -1,0 +1,58 @@
+"""The limit of our stack: an aiohttp pass-through proxy that does nothing but forward.
+
+.venv/bin/python bench/bare_proxy.py PORT UPSTREAM_URL
+
+One pooled ClientSession (the gateway's defaults: 100 connections, no decompression, no
+cookies); the method, raw path, headers and body go to the upstream and the answer streams
+back. No policies, no usage, no logging, no metrics: what is left is aiohttp's own cost.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host"})
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", str)
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    body = await request.read()
+    upstream_url = request.app[UPSTREAM] + request.raw_path
+    async with request.app[SESSION].request(
+        request.method, upstream_url, headers=headers, data=body or None, allow_redirects=False
+    ) as upstream:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_chunked(64 << 10):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+async def session(app: web.Application) -> AsyncIterator[None]:
+    app[SESSION] = aiohttp.ClientSession(
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+    )
+    yield
+    await app[SESSION].close()
+
+
+def main() -> None:
+    app = web.Application()
+    app[UPSTREAM] = sys.argv[2].rstrip("/")
+    app.cleanup_ctx.append(session)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,16 +4,23 @@
 
 One pooled ClientSession (the gateway's defaults: 100 connections, no decompression, no
 cookies); the method, raw path, headers and body go to the upstream and the answer streams
-back. No policies, no usage, no logging, no metrics: what is left is aiohttp's own cost.
+back. No policies, no usage, no logging, no metrics: what is left is aiohttp's own cost. It
+runs on the gateway's event loop (uvloop when installed, as gateway/runtime.py chooses).
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+
+try:
+    import uvloop
+except ImportError:  # the gateway falls back to asyncio's loop too
+    uvloop = None
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host"})
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -51,7 +58,8 @@ def main() -> None:
     app[UPSTREAM] = sys.argv[2].rstrip("/")
     app.cleanup_ctx.append(session)
     app.router.add_route("*", "/{tail:.*}", forward)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+    loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=loop)
 
 
 if __name__ == "__main__":

@@ -220,8 +220,10 @@ def _phone(candidate: str, _: Params) -> bool:
             return _nanp_valid(digits[1:])
         return 8 <= len(digits) <= 15
     if digits.startswith("0"):
-        # A national number with its trunk prefix (020 7123 4567, 090-1234-5678).
-        return 9 <= len(digits) <= 11 and digits[1] != "0"
+        # A national number with its trunk prefix (020 7123 4567, 090-1234-5678); the
+        # 3-2-4 grouping of an SSN is left to the SSN detectors.
+        groups = [len(group) for group in re.split(r"[ ()-]+", candidate) if group]
+        return 9 <= len(digits) <= 11 and digits[1] != "0" and groups != [3, 2, 4]
     separators = {char for char in candidate.split(")")[-1].lstrip() if char in " .-"}
     if len(separators) > 1:
         return False

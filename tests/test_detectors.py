@@ -61,6 +61,12 @@ def test_luhn(digits: str, valid: bool) -> None:
             "iban", "DE89 3704 0044 0532 0130 00", ["DE89 3704 0044 0532 0130 00"], id="German IBAN"
         ),
         pytest.param(
+            "iban",
+            "pay DE89 3704 0044 0532 0130 00 please",
+            ["DE89 3704 0044 0532 0130 00"],
+            id="a grouped IBAN followed by a word",
+        ),
+        pytest.param(
             "iban", "fr1420041010050500013m02606", ["fr1420041010050500013m02606"], id="lower-case IBAN"
         ),
         pytest.param("iban", "DE89 3704 0044 0532 0130 01", [], id="IBAN with a bad checksum"),
@@ -145,3 +151,49 @@ def test_iban_length_is_checked_per_country(value: str, valid: bool) -> None:
 )
 def test_ssn_placeholders_are_refused(value: str, valid: bool) -> None:
     assert ssn_valid(value) is valid
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "found"),
+    [
+        pytest.param("us_ssn_unformatted", "ssn 536221234 on file", ["536221234"], id="nine bare digits"),
+        pytest.param("us_ssn_unformatted", "typed 536-221234", ["536-221234"], id="SSN with one dash (3-6)"),
+        pytest.param("us_ssn_unformatted", "zip 10001-1234", [], id="5-4 is a ZIP+4 code, not an SSN"),
+        pytest.param("us_ssn_unformatted", "card 078051120", [], id="a voided sample SSN"),
+        pytest.param("us_ssn_unformatted", "sum 536221234.50, id 900221234", [], id="a decimal and area 9xx"),
+        pytest.param("us_ssn_unformatted", "phone 5362212345", [], id="ten digits"),
+        pytest.param("us_ssn_unformatted", "SSN 536-22-1234", [], id="the separated form is us_ssn's"),
+        pytest.param("ipv4_address", "host 192.168.10.254 up", ["192.168.10.254"], id="IPv4"),
+        pytest.param(
+            "ipv4_address", "nets 10.0.0.0/8, 0.0.0.0/0", ["10.0.0.0/8", "0.0.0.0/0"], id="IPv4 with prefixes"
+        ),
+        pytest.param("ipv4_address", "addr 10.1.2.3/40", ["10.1.2.3"], id="prefix over 32 left out"),
+        pytest.param("ipv4_address", "bad 10.0.0.256, short 1.2.3", [], id="octet over 255, three octets"),
+        pytest.param("ipv4_address", "IP192.168.1.1x", [], id="IPv4 glued to words"),
+        pytest.param("ipv6_address", "ping 2001:db8::ff00:42:8329", ["2001:db8::ff00:42:8329"], id="IPv6"),
+        pytest.param(
+            "ipv6_address",
+            "full 2001:0DB8:0000:0000:0000:ff00:0042:8329.",
+            ["2001:0DB8:0000:0000:0000:ff00:0042:8329"],
+            id="full IPv6 before a full stop",
+        ),
+        pytest.param("ipv6_address", "mapped ::ffff:203.0.113.9", ["::ffff:203.0.113.9"], id="IPv4-mapped"),
+        pytest.param("ipv6_address", "link fe80::1%eth0/64", ["fe80::1%eth0/64"], id="zone and prefix"),
+        pytest.param("ipv6_address", "at [::1]:8080 and ::/0", ["::1", "::/0"], id="loopback, default route"),
+        pytest.param("ipv6_address", "2001::db8::1 or 12345::1", [], id="two gaps, a five-digit group"),
+        pytest.param("ipv6_address", "MAC 00:1a:2b:3c:4d:5e at 12:30:45", [], id="MAC address and time"),
+        pytest.param("ipv6_address", "std::vector, Cafe::Add, f :: Int", [], id="C++ and Haskell"),
+        pytest.param("ipv6_address", "bad 2001:db8::300.1.2.3", [], id="embedded IPv4 over 255"),
+        pytest.param("phone", "call (212) 736-5000 today", ["(212) 736-5000"], id="US with area code"),
+        pytest.param("phone", "office 617.253.1000", ["617.253.1000"], id="US with dots"),
+        pytest.param("phone", "intl +44 20 7946 0958", ["+44 20 7946 0958"], id="international"),
+        pytest.param("phone", "tel +1 212 736 5000", ["+1 212 736 5000"], id="international North American"),
+        pytest.param("phone", "tokyo 03-1234-5678", ["03-1234-5678"], id="national with trunk 0"),
+        pytest.param("phone", "dummy (123) 456-7890 or 411-555-1234", [], id="area code 1xx and N11"),
+        pytest.param("phone", "+1 555 0100 and 212-736.5000", [], id="short +1 and mixed separators"),
+        pytest.param("phone", "ssn 078-05-1123 on 2024-05-12", [], id="SSN shape and a date"),
+    ],
+)
+def test_pii_detectors(name: str, text: str, found: list[str]) -> None:
+    """SSNs without separators, IP addresses and phone numbers: found, look-alikes refused."""
+    assert _detect(name, text) == found

@@ -224,14 +224,14 @@ def _phone(candidate: str, _: Params) -> bool:
         # 3-2-4 grouping of an SSN is left to the SSN detectors.
         groups = [len(group) for group in re.split(r"[ ()-]+", candidate) if group]
         return 9 <= len(digits) <= 11 and digits[1] != "0" and groups != [3, 2, 4]
-    separators = {char for char in candidate.split(")")[-1].lstrip() if char in " .-"}
+    separators = {char for char in candidate.rsplit(")", maxsplit=1)[-1].lstrip() if char in " .-"}
     if len(separators) > 1:
         return False
     return _nanp_valid(digits[1:] if len(digits) == 11 and digits[0] == "1" else digits)
 
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_HEXTET = r"[0-9A-Fa-f]{1,4}"
+_HEXTET = r"(?:[0-9A-Fa-f]{1,4})"
 
 
 _CREDENTIAL_NAME = (
@@ -251,7 +251,9 @@ BUILTIN: Mapping[str, Detector] = {
         Detector(
             "iban",
             "international bank account number, country length and mod-97 checked",
-            r"\b[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]){11,30}\b",
+            # Written whole, or in groups of four: a word after a grouped IBAN is not swallowed.
+            r"\b[A-Za-z]{2}\d{2}"
+            r"(?:[A-Za-z0-9]{11,30}|(?:[ -][A-Za-z0-9]{4}){2,7}(?:[ -][A-Za-z0-9]{1,3})?)\b",
             _iban,
         ),
         Detector(
@@ -308,9 +310,10 @@ BUILTIN: Mapping[str, Detector] = {
             "ipv6_address",
             "IPv6 address, full or compressed, with an optional embedded IPv4 address, zone "
             "and prefix length; parsed to check it",
-            r"(?:^|[^\w:])(?P<v>(?:(?:" + _HEXTET + r")?:){2,8}(?:\d{1,3}(?:\.\d{1,3}){3}|"
-            + _HEXTET + r")?(?:%[0-9A-Za-z_-]{1,32})?(?:/(?:12[0-8]|1[01]\d|[1-9]?\d))?)"
-            r"(?:$|[^\w:.]|\.(?:$|\W))",
+            # The whole colon-and-hex token is the candidate: "2001::db8::1" is refused as one,
+            # never matched from its middle; a full stop ends it unless an octet follows.
+            rf"(?:^|[^\w:])(?P<v>(?:{_HEXTET}?:){{2,8}}(?:\d{{1,3}}(?:\.\d{{1,3}}){{3}}|{_HEXTET})?"
+            r"(?:%[0-9A-Za-z_-]{1,32})?(?:/(?:12[0-8]|1[01]\d|[1-9]?\d))?)(?:$|[^\w:.]|\.(?:$|\W))",
             _ipv6_address,
         ),
         Detector(

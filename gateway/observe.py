@@ -47,12 +47,13 @@ class Observer:
         self.metrics.load_ruleset(ruleset)
 
     def decision(self, decision: Decision, info: RequestInfo, matched: Matched) -> None:
-        self.metrics.decisions.labels(decision.stage.value, decision.action.label).inc()
-        self.violations(decision, decision.violations, info, matched)
+        self.metrics.child(self.metrics.decisions, decision.stage.value, decision.action.label).inc()
+        if decision.violations:
+            self.violations(decision, decision.violations, info, matched)
 
     def stream_decision(self, stage: Stage, action: Action) -> None:
         """A streamed answer counts as one decision, its strongest action, when it ends."""
-        self.metrics.decisions.labels(stage.value, action.label).inc()
+        self.metrics.child(self.metrics.decisions, stage.value, action.label).inc()
 
     def violations(
         self, decision: Decision, violations: Iterable[Violation], info: RequestInfo, matched: Matched
@@ -83,9 +84,9 @@ class Observer:
         self.metrics.upstream_errors.labels(kind).inc()
 
     def tokens(self, record: UsageRecord) -> None:
-        workspace = self.metrics.workspace(record.workspace)
-        self.metrics.tokens.labels("prompt", record.source, *workspace).inc(record.prompt_tokens)
-        self.metrics.tokens.labels("response", record.source, *workspace).inc(record.response_tokens)
+        metrics, workspace = self.metrics, self.metrics.workspace(record.workspace)
+        metrics.child(metrics.tokens, "prompt", record.source, *workspace).inc(record.prompt_tokens)
+        metrics.child(metrics.tokens, "response", record.source, *workspace).inc(record.response_tokens)
 
     def request_completed(self, fields: dict[str, Any]) -> None:
         log.info("request.completed", **fields)

@@ -106,12 +106,12 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
     finally:
         elapsed = time.perf_counter() - info.started
         metrics = state.observer.metrics
-        metrics.requests.labels(info.route, str(status)).inc()
-        metrics.request_duration.labels(info.route).observe(elapsed)
+        metrics.child(metrics.requests, info.route, str(status)).inc()
+        metrics.child(metrics.request_duration, info.route).observe(elapsed)
         if info.prompt_own is not None:
-            metrics.overhead.labels("prompt").observe(info.prompt_own)
+            metrics.child(metrics.overhead, "prompt").observe(info.prompt_own)
         if info.route in {"prompt", "messages"} and status != 400:
-            metrics.overhead.labels("response").observe(info.response_own)
+            metrics.child(metrics.overhead, "response").observe(info.response_own)
         completed = {
             "requestId": info.request_id,
             "pid": os.getpid(),

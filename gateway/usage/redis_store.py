@@ -124,6 +124,9 @@ class RedisUsageStore:
         self._burst = 0  # drops since the buffer last had room: a burst is logged once, not per record
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._outbox: list[tuple[UsageRecord, asyncio.Future[None]]] = []
+        self._script_loaded = False
+        self._writer: asyncio.Task[None] | None = None
         self._closed = False
         # Told "buffered" or "dropped" for each record not written on the spot (for metrics).
         self._on_fallback = on_fallback
@@ -156,6 +159,20 @@ class RedisUsageStore:
             # Behind the buffer, to keep order, and without waiting on a Redis known to be down.
             self._enqueue(record)
             return
+        if isinstance(self._client, RedisCluster):
+            # A cluster routes each script run to its workspace's node; no shared pipeline.
+            await self._record_one(record)
+            return
+        # Records that arrive while a write is under way go together in the next pipeline: one
+        # round trip for many requests under load, still one atomic script run per record.
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.append((record, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_outbox())
+        # Shielded: a caller that gives up does not stop the write; it lands or is buffered.
+        await asyncio.shield(done)
+
+    async def _record_one(self, record: UsageRecord) -> None:
         keys, args = self._script_call(record)
         try:
             async with asyncio.timeout(self._timeout):
@@ -172,6 +189,52 @@ class RedisUsageStore:
             self._enqueue(record)
         else:
             self._healthy = True
+
+    async def _write_outbox(self) -> None:
+        while self._outbox:
+            batch, self._outbox = self._outbox[:FLUSH_BATCH], self._outbox[FLUSH_BATCH:]
+            try:
+                await self._write([record for record, _ in batch])
+            finally:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _write(self, records: list[UsageRecord]) -> None:
+        if self._down or self._buffer:
+            for record in records:
+                self._enqueue(record)
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for record in records:
+            keys, args = self._script_call(record)
+            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+        try:
+            async with asyncio.timeout(self._timeout):
+                if not self._script_loaded:
+                    # Once per connection to a (re)started Redis, not once per pipeline.
+                    await self._client.script_load(RECORD_SCRIPT)
+                    self._script_loaded = True
+                results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            # Whatever failed (cancellation included), the outcome is unknown: retry them all.
+            if isinstance(exc, Exception):
+                self._mark_down(exc)
+            for record in records:
+                self._enqueue(record)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._healthy = True
+        for record, result in zip(records, results, strict=True):
+            if not isinstance(result, Exception):
+                continue
+            if _permanent(result):
+                self._drop(record, result)
+            else:
+                # NOSCRIPT after a restart, LOADING, ...: the flusher retries with EVAL.
+                self._mark_down(result)
+                self._enqueue(record)
 
     async def totals(self, workspace: str, period: Period, at: datetime) -> Totals:
         key = self._bucket_key(workspace, period, at)
@@ -192,6 +255,9 @@ class RedisUsageStore:
         return _totals(await self._read(lambda: self._client.hmget(key, FIELDS)))
 
     async def close(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._writer), CLOSE_FLUSH_SECONDS)
         self._closed = True
         if self._flusher is not None:
             self._flusher.cancel()
@@ -270,6 +336,7 @@ class RedisUsageStore:
 
     def _mark_down(self, exc: BaseException) -> None:
         self._healthy = False
+        self._script_loaded = False  # a Redis that comes back may have lost its script cache
         if not self._down:
             self._down = True
             log.warning("Redis usage store unavailable (%s); buffering records", type(exc).__name__)

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.redis_fixtures"]
+# alertmanager_fixtures imports from redis_fixtures: keep this order.
+pytest_plugins = ["tests.redis_fixtures", "tests.alertmanager_fixtures"]
 
 CASES = Path(__file__).parent / "cases"
 

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -690,15 +690,6 @@ async def test_close_gives_up_at_its_bound(receivers: StartReceiver, dispatchers
 
 
 # -- a real Alertmanager ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertmanagerProcess]:
-    """A throw-away Alertmanager for this module (tests.alertmanager_fixtures has a session one)."""
-    server = AlertmanagerProcess(tmp_path_factory.mktemp("alertmanager"))
-    server.start()
-    yield server
-    server.stop()
 
 
 async def alertmanager_alert(server: AlertmanagerProcess, workspace: str, count: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Print the built-in pack as the README's markdown table (id, what, action, mode).
 
-    .venv/bin/python bench/pack_table.py
+.venv/bin/python bench/pack_table.py
 """
 
 from __future__ import annotations

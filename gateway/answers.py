@@ -77,7 +77,8 @@ async def read_bounded(content: aiohttp.StreamReader | web.BaseRequest, limit: i
     stream = content.content if isinstance(content, web.BaseRequest) else content
     parts: list[bytes] = []
     size = 0
-    async for chunk in stream.iter_any():
+    # readany() until EOF, as iter_any() does, without its iterator's cost on every request.
+    while chunk := await stream.readany():
         size += len(chunk)
         if size > limit:
             raise AnswerTooLarge

@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,17 +40,45 @@ _OWN_KEYS = frozenset({
 REDACTED = "[redacted]"
 
 
+# Values found clean, remembered per rule set: the same ids (conversation, workspace, user) and
+# messages recur on every request's events. Bounded in count and length; a value that a rule
+# blocks is never remembered, so no secret is held here, and it is evaluated every time.
+_CLEAN_ENTRIES = 4096
+_CLEAN_LENGTH = 256
+
+
 class Redactor:
     """Replaces content keys, and any value a block rule of the current rule set would catch."""
 
     def __init__(self) -> None:
-        self.ruleset: RuleSet | None = None
+        # The rule set and the clean values it found, replaced together in one assignment: a
+        # verdict taken under one rule set can never land in the memory of the next.
+        self._current: tuple[RuleSet | None, OrderedDict[str, None]] = (None, OrderedDict())
+
+    @property
+    def ruleset(self) -> RuleSet | None:
+        return self._current[0]
+
+    @ruleset.setter
+    def ruleset(self, ruleset: RuleSet | None) -> None:
+        self._current = (ruleset, OrderedDict())
 
     def sensitive(self, value: str) -> bool:
-        if self.ruleset is None:
+        ruleset, clean = self._current
+        if ruleset is None:
             return False
-        decision = evaluate(self.ruleset, Stage.PROMPT, value)
-        return any(v.action is Action.BLOCK for v in decision.violations)
+        # A plain str only: a subclass could compare equal to a remembered value it is not.
+        memorable = type(value) is str and len(value) <= _CLEAN_LENGTH
+        if memorable and value in clean:
+            return False
+        decision = evaluate(ruleset, Stage.PROMPT, value)
+        if any(v.action is Action.BLOCK for v in decision.violations):
+            return True
+        if memorable:
+            clean[value] = None
+            if len(clean) > _CLEAN_ENTRIES:
+                clean.popitem(last=False)  # the oldest: an id that recurs is soon back
+        return False
 
     def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in list(event.items()):

@@ -34,11 +34,18 @@ CHUNK = 64 << 10
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
-def _dropped(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    named = {
-        token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")
-    }
-    return HOP_BY_HOP | named
+# The fixed part of what each direction drops, built once rather than on every request.
+_TO_UPSTREAM = HOP_BY_HOP | {"host"}
+_TO_UPSTREAM_INSPECTED = _TO_UPSTREAM | {"content-length", "accept-encoding"}
+_BACK_WITHOUT_LENGTH = HOP_BY_HOP | {"content-length"}
+
+
+def _dropped(headers: CIMultiDictProxy[str], fixed: frozenset[str] = HOP_BY_HOP) -> frozenset[str]:
+    """``fixed``, and whatever the message's ``Connection`` header names as hop-by-hop."""
+    listed = headers.getall("Connection", ())
+    if not listed:
+        return fixed
+    return fixed | {token.strip().lower() for value in listed for token in value.split(",")}
 
 
 def upstream_url(request: web.Request) -> URL:
@@ -48,9 +55,7 @@ def upstream_url(request: web.Request) -> URL:
 
 
 def upstream_headers(request: web.Request, *, inspect: bool = False) -> CIMultiDict[str]:
-    dropped = _dropped(request.headers) | {"host"}
-    if inspect:
-        dropped |= {"content-length", "accept-encoding"}
+    dropped = _dropped(request.headers, _TO_UPSTREAM_INSPECTED if inspect else _TO_UPSTREAM)
     headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
     peer = request.remote or "unknown"
     prior = request.headers.get("X-Forwarded-For")
@@ -67,9 +72,7 @@ def upstream_headers(request: web.Request, *, inspect: bool = False) -> CIMultiD
 
 
 def response_headers(upstream: aiohttp.ClientResponse, *, keep_length: bool) -> CIMultiDict[str]:
-    dropped = _dropped(upstream.headers)
-    if not keep_length:
-        dropped |= {"content-length"}
+    dropped = _dropped(upstream.headers, HOP_BY_HOP if keep_length else _BACK_WITHOUT_LENGTH)
     return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in dropped)
 
 

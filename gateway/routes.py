@@ -55,16 +55,14 @@ def _bad_request(message: str) -> web.Response:
 def intercepted_route(request: web.Request) -> tuple[str, str] | web.Response | None:
     """(route, conversation id) for an intercepted request, a 400 for a disguised one, or None."""
     raw_path = request.raw_path.split("?", 1)[0]
-    decoded = unquote(raw_path)
-    canonical = posixpath.normpath(re.sub("/+", "/", decoded.replace("\\", "/")))
     # A backend may route on the raw path (and decode the id after) or on a normalised one.
-    target = _INTERCEPTED.match(raw_path) or _INTERCEPTED.match(canonical)
+    plain = _INTERCEPTED.match(raw_path)
+    target = plain or _INTERCEPTED.match(_canonical(raw_path))
     if target is None or request.method != _INTERCEPTED_METHOD[target.group(2).lower()]:
         return None
     # SECURITY: whatever the backend would resolve to this route must be inspected, so any
     # spelling other than the plain one (encoded slashes, dot segments, doubled slashes,
     # control characters) is refused rather than passed through.
-    plain = _INTERCEPTED.match(raw_path)
     conversation_id = unquote(plain.group(1)) if plain else ""
     if (
         plain is None
@@ -74,6 +72,12 @@ def intercepted_route(request: web.Request) -> tuple[str, str] | web.Response | 
     ):
         return _bad_request("Invalid conversation id")
     return plain.group(2).lower(), conversation_id
+
+
+def _canonical(raw_path: str) -> str:
+    """The path decoded and normalised, as a backend that routes on a normalised path sees it."""
+    decoded = unquote(raw_path)
+    return posixpath.normpath(re.sub("/+", "/", decoded.replace("\\", "/")))
 
 
 _CONVERSATIONS = re.compile(r"^/conversation/?$", re.IGNORECASE)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections import deque
@@ -251,7 +252,7 @@ class RedisUsageStore:
         return _totals(day), _totals(month)
 
     async def conversation_totals(self, workspace: str, conversation_id: str) -> Totals:
-        key = f"{self._tag(workspace)}:c:{quote(conversation_id, safe='')}"
+        key = f"{self._tag(workspace)}:c:{_encoded(conversation_id)}"
         return _totals(await self._read(lambda: self._client.hmget(key, FIELDS)))
 
     async def close(self) -> None:
@@ -276,7 +277,7 @@ class RedisUsageStore:
     # -- keys -----------------------------------------------------------------------------------
 
     def _tag(self, workspace: str) -> str:
-        return f"{self._prefix}:{{{quote(workspace, safe='') or '%'}}}"
+        return f"{self._prefix}:{{{_encoded(workspace) or '%'}}}"
 
     def _bucket_key(self, workspace: str, period: Period, at: datetime) -> str:
         return f"{self._tag(workspace)}:{'d' if period is Period.DAY else 'm'}:{period.bucket(at)}"
@@ -290,7 +291,7 @@ class RedisUsageStore:
         ]
         args = [record.prompt_tokens, record.response_tokens, MARKER_TTL, DAY_TTL, MONTH_TTL]
         if record.conversation_id is not None:
-            keys.append(f"{tag}:c:{quote(record.conversation_id, safe='')}")
+            keys.append(f"{tag}:c:{_encoded(record.conversation_id)}")
             args.append(CONVERSATION_TTL)
         return keys, args
 
@@ -406,6 +407,23 @@ class RedisUsageStore:
             log.warning("usage buffer has room again; %d records were dropped", self._burst)
             self._burst = 0
         return True
+
+
+def _encoded(identifier: str) -> str:
+    """A workspace or conversation id, percent-encoded for a key."""
+    if len(identifier) > _MEMO_LENGTH:
+        return quote(identifier, safe="")
+    return _encoded_memo(identifier)
+
+
+# Ids recur on every record of a workspace or conversation; only short ones are remembered, so
+# that ids a client chooses cannot make the memo large.
+_MEMO_LENGTH = 128
+
+
+@functools.lru_cache(maxsize=4096)
+def _encoded_memo(identifier: str) -> str:
+    return quote(identifier, safe="")
 
 
 def _permanent(exc: BaseException) -> bool:

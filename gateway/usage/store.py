@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from enum import Enum
 from typing import Literal, Protocol
 
@@ -14,7 +15,13 @@ class Period(Enum):
 
     def bucket(self, at: datetime) -> str:
         """The UTC bucket a moment falls in: ``2026-11-26`` for a day, ``2026-11`` for a month."""
-        return at.strftime("%Y-%m-%d" if self is Period.DAY else "%Y-%m")
+        return _bucket(self, at.year, at.month, at.day)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket(period: Period, year: int, month: int, day: int) -> str:
+    # Every record asks for today's buckets; strftime costs microseconds each time.
+    return date(year, month, day).strftime("%Y-%m-%d" if period is Period.DAY else "%Y-%m")
 
 
 Source = Literal["reported", "estimated"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import posixpath
@@ -231,11 +232,13 @@ async def resolve(request: web.Request, conversation_id: str) -> Resolution:
     return resolution
 
 
-def policy_context(resolution: Resolution) -> Context:
+def policy_context(request: web.Request, resolution: Resolution, model: str | None = None) -> Context:
+    """Where the request belongs, for scoped rules, and how to count tokens, for max_tokens rules."""
+    count_tokens = functools.partial(request.app[STATE].accountant.counter.count, model=model)
     placement = resolution.placement
     if resolution.source == "unresolved":
-        return Context()
-    return Context(org=placement.org, workspace=placement.workspace, repo=placement.repo)
+        return Context(count_tokens=count_tokens)
+    return Context(placement.org, placement.workspace, placement.repo, count_tokens)
 
 
 def quota_exceeded(request: web.Request, verdict: Verdict) -> web.Response:
@@ -269,14 +272,12 @@ async def prompt(request: web.Request, conversation_id: str) -> web.StreamRespon
         return _bad_request("'prompt' must be a string")
 
     resolution = await resolve(request, conversation_id)
-    context = policy_context(resolution)
+    model = payload.get("model") if isinstance(payload.get("model"), str) else None
+    context = policy_context(request, resolution, model)
     verdict, ticket = await state.quota.admit(resolution.placement.workspace)
     if not verdict.allowed:
         return quota_exceeded(request, verdict)
-    model = payload.get("model")
-    exchange = Exchange(
-        conversation_id, resolution, model if isinstance(model, str) else None, payload["prompt"], ticket
-    )
+    exchange = Exchange(conversation_id, resolution, model, payload["prompt"], ticket)
     # Settled by the middleware once the answer is out: recorded, or its ticket released.
     request[EXCHANGE] = exchange
     decision = decide(request, Stage.PROMPT, payload["prompt"], context)
@@ -307,7 +308,7 @@ async def prompt(request: web.Request, conversation_id: str) -> web.StreamRespon
 
 async def messages(request: web.Request, conversation_id: str) -> web.StreamResponse:
     state = request.app[STATE]
-    context = policy_context(await resolve(request, conversation_id))
+    context = policy_context(request, await resolve(request, conversation_id))
     try:
         upstream = await state.session.get(
             upstream_url(request), headers=upstream_headers(request, inspect=True), allow_redirects=False

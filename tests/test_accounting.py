@@ -219,3 +219,20 @@ async def test_gateway_usage_reads_a_workspace_from_redis(
     code = await asyncio.to_thread(main, ["usage", "ws-cli"])
     assert code == 2
     assert "GET /usage/WORKSPACE" in capsys.readouterr().err
+
+
+async def test_max_tokens_rules_count_with_the_requests_tokenizer(aiohttp_server: Any, tmp_path: Any) -> None:
+    """A max_tokens rule counts the prompt's tokens as the request's model does, not characters."""
+    (tmp_path / "p.yaml").write_text(
+        "policies:\n  - {id: size.cap, name: Too long, severity: low, action: block, "
+        "stages: [prompt], match: {max_tokens: 8}}\n"
+    )
+    _, upstream = await start_upstream(aiohttp_server)
+    gateway, _, _ = await start_gateway(aiohttp_server, str(upstream.make_url("/")), policies=[tmp_path])
+    counter = TokenCounter()
+    short = " ".join(["word"] * 8)  # 8 tokens, 39 characters: over 8 by a 4-characters estimate
+    long = " ".join(["word"] * 9)
+    assert (counter.count(short, "gpt-4o"), counter.count(long, "gpt-4o")) == (8, 9)
+    async with aiohttp.ClientSession() as client:
+        assert await _post(client, gateway, "c", short, {}, model="gpt-4o") == 200
+        assert await _post(client, gateway, "c", long, {}, model="gpt-4o") == 403

@@ -42,7 +42,7 @@ class MemoryUsageStore:
         self,
         *,
         id_retention: float = ID_RETENTION_SECONDS,
-        max_ids: int = 100_000,
+        max_ids: int = 10_000,
         max_conversations: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -1,4 +1,4 @@
-"""The ``gateway`` command: check, test, explain and eval policies (serve comes with the proxy)."""
+"""The ``gateway`` command: serve, and check, test, explain and eval policies, and read usage."""
 
 from __future__ import annotations
 

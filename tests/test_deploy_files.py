@@ -30,6 +30,7 @@ from gateway.alerts.sinks import AlertmanagerSink
 from gateway.config import PARSERS, Settings, load_settings
 from gateway.policy import load_rules
 from gateway.policy.selftest import run_rule_tests
+from tests.debian_tools import require
 from tests.redis_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,6 @@ MASTER_MEMORY = 64 * 2**20
 # After shutdown_timeout, the master of --workers waits this much longer for the flush
 # (gateway/workers.py); a single process's flush is bounded within it too.
 FLUSH_BOUND = 10
-AMTOOL = "/usr/bin/amtool"
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -762,13 +762,7 @@ def test_healthcheck_command_passes_only_on_a_healthy_admin_port(
 
 
 def amtool() -> str:
-    found = shutil.which("amtool") or (AMTOOL if Path(AMTOOL).exists() else None)
-    if found is None:
-        pytest.fail(
-            "amtool not found: install the Debian package `prometheus-alertmanager` "
-            "(apt-get install prometheus-alertmanager), as ./scripts/test does"
-        )
-    return found
+    return require("amtool", "prometheus-alertmanager")
 
 
 def test_alertmanager_config_is_valid() -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.debian_tools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -19,18 +20,9 @@ DASHBOARD = GRAFANA / "dashboards" / "policy-gateway.json"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
 PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "policy-gateway.yaml"
 
-# The Debian package `prometheus` ships promtool; ./scripts/test installs it.
-PROMTOOL = "/usr/bin/promtool"
-
 
 def promtool() -> str:
-    found = shutil.which("promtool") or (PROMTOOL if Path(PROMTOOL).exists() else None)
-    if found is None:
-        pytest.fail(
-            "promtool not found: install the Debian package `prometheus` (apt-get install prometheus), "
-            "as ./scripts/test does"
-        )
-    return found
+    return require("promtool", "prometheus")
 
 
 def load_yaml(path: Path) -> Any:

@@ -141,10 +141,12 @@ async def test_reloads_good_and_bad_under_traffic_fail_no_request(launch: Any, t
         (policies / "broken.yaml").unlink()
         (policies / "rules.yaml").write_text(BASE)
         gateway.process.send_signal(signal.SIGHUP)
-        for _ in range(100):
+        for _ in range(300):
             if (await _ready(session, gateway))[1]["revision"] == before["revision"]:
                 break
             await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("SIGHUP did not reload the policies within 15 s")
         assert await _prompt(session, gateway, "a banana") == 200
         async with session.get(gateway.admin_url("/metrics")) as response:
             metrics = await response.text()

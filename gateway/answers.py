@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway import jsonlib
 from gateway.audit import RequestInfo
 from gateway.flashback import (
+    EVALUATION_FAILED,
     RESPONSE_BLOCKED,
     block_body,
     error_body,
@@ -158,67 +159,103 @@ async def guarded_stream(
     exchange: Exchange | None = None,
 ) -> web.StreamResponse:
     """Forward a streamed answer while evaluating it; a block ends it with an error event."""
-    state = request.app[STATE]
-    sse = upstream.content_type == "text/event-stream"
-    splitter = SSESplitter(max_event_bytes=state.settings.response_limit)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    guard = StreamGuard(state.ruleset, context, holdback=state.holdback)
-    info = request.get(INFO) or RequestInfo()
-    strongest_seen = Action.ALLOW
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(response_headers(upstream, keep_length=False))
     await response.prepare(request)
-
-    def observe(step: StreamStep) -> None:
-        nonlocal strongest_seen
-        shown = step.blocked or Decision(Stage.RESPONSE, Action.ALLOW, state.ruleset.revision)
-        found = (*step.violations, *(step.blocked.violations if step.blocked else ()))
-        state.observer.violations(shown, found, info, lambda start, end: step.matched.get((start, end)))
-        for violation in found:
-            strongest_seen = max(strongest_seen, violation.effective_action)
-
-    async def send(events: list[bytes], *, final: bool = False) -> bool:
-        for event in events:
-            started = time.perf_counter()
-            text = sse_event_text(event, state.field_paths) if sse else decoder.decode(event, final)
-            if exchange is not None:
-                _note_streamed(exchange, event, text, limit=state.settings.response_limit, sse=sse)
-            step = guard.feed(event, text)
-            info.response_own += time.perf_counter() - started
-            observe(step)
-            if step.blocked is not None:
-                body = block_body(step.blocked)
-                await response.write(b"event: error\ndata: " + body + b"\n\n" if sse else b"\n" + body)
-                return False
-            for released in step.release:
-                await response.write(released)
-        return True
-
+    forwarder = _StreamForwarder(request, response, upstream, context, exchange)
     try:
+        await forwarder.run(upstream)
+    finally:
+        forwarder.settle()
+    await response.write_eof()
+    return response
+
+
+class _StreamForwarder:
+    """One streamed answer: events evaluated in order, released once safe, or the stream ended."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        context: Context,
+        exchange: Exchange | None,
+    ) -> None:
+        self.state = request.app[STATE]
+        self.response = response
+        self.exchange = exchange
+        self.info = request.get(INFO) or RequestInfo()
+        self.sse = upstream.content_type == "text/event-stream"
+        self.splitter = SSESplitter(max_event_bytes=self.state.settings.response_limit)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.guard = StreamGuard(self.state.ruleset, context, holdback=self.state.holdback)
+        self.strongest = Action.ALLOW
+
+    async def run(self, upstream: aiohttp.ClientResponse) -> None:
         async for chunk in upstream.content.iter_any():
             try:
-                events = splitter.feed(chunk) if sse else [chunk]
+                events = self.splitter.feed(chunk) if self.sse else [chunk]
             except EventTooLarge:
                 # Fail closed: an event too large to hold whole cannot be inspected.
-                state.observer.fallback("answer", "event_too_large")
-                strongest_seen = Action.BLOCK
-                log.warning("stream not inspectable: an event over %d bytes", state.settings.response_limit)
-                body = error_body("Upstream event too large to inspect", error_code=RESPONSE_BLOCKED)
-                await response.write(b"event: error\ndata: " + body + b"\n\n")
-                await response.write_eof()
-                return response
-            if not await send(events):
-                await response.write_eof()
-                return response
-        tail = splitter.flush() if sse else b""
-        if await send([tail] if tail or not sse else [], final=True):
-            for released in guard.finish().release:
-                await response.write(released)
-        await response.write_eof()
-        return response
-    finally:
-        state.observer.stream_decision(Stage.RESPONSE, strongest_seen)
-        _note_action(info, strongest_seen)
+                self.state.observer.fallback("answer", "event_too_large")
+                log.warning(
+                    "stream not inspectable: an event over %d bytes", self.state.settings.response_limit
+                )
+                await self.end(error_body(_TOO_LARGE, error_code=RESPONSE_BLOCKED))
+                return
+            if not await self.send(events):
+                return
+        tail = self.splitter.flush() if self.sse else b""
+        if await self.send([tail] if tail or not self.sse else [], final=True):
+            for released in self.guard.finish().release:
+                await self.response.write(released)
+
+    async def send(self, events: list[bytes], *, final: bool = False) -> bool:
+        state = self.state
+        for event in events:
+            started = time.perf_counter()
+            text = sse_event_text(event, state.field_paths) if self.sse else self.decoder.decode(event, final)
+            if self.exchange is not None:
+                _note_streamed(self.exchange, event, text, limit=state.settings.response_limit, sse=self.sse)
+            try:
+                step = self.guard.feed(event, text)
+            except Exception as exc:
+                # Fail closed, as for a whole answer: what was not evaluated is not sent.
+                state.observer.fallback("policy", "evaluation_error")
+                log.error("policy evaluation failed on a stream: %s", type(exc).__name__)
+                return await self.end(error_body(_NOT_EVALUATED, error_code=EVALUATION_FAILED))
+            self.info.response_own += time.perf_counter() - started
+            self.observe(step)
+            if step.blocked is not None:
+                return await self.end(block_body(step.blocked))
+            for released in step.release:
+                await self.response.write(released)
+        return True
+
+    def observe(self, step: StreamStep) -> None:
+        shown = step.blocked or Decision(Stage.RESPONSE, Action.ALLOW, self.state.ruleset.revision)
+        found = (*step.violations, *(step.blocked.violations if step.blocked else ()))
+        self.state.observer.violations(
+            shown, found, self.info, lambda start, end: step.matched.get((start, end))
+        )
+        for violation in found:
+            self.strongest = max(self.strongest, violation.effective_action)
+
+    async def end(self, body: bytes) -> bool:
+        """Close the stream with an error the client can read; nothing held back is sent."""
+        self.strongest = Action.BLOCK
+        await self.response.write(b"event: error\ndata: " + body + b"\n\n" if self.sse else b"\n" + body)
+        return False
+
+    def settle(self) -> None:
+        """A streamed answer counts as one decision, its strongest action."""
+        self.state.observer.stream_decision(Stage.RESPONSE, self.strongest)
+        _note_action(self.info, self.strongest)
+
+
+_NOT_EVALUATED = "Refused: the policy engine could not evaluate this answer"
+_TOO_LARGE = "Upstream event too large to inspect"
 
 
 def _note_streamed(exchange: Exchange, event: bytes, text: str, *, limit: int, sse: bool) -> None:

@@ -561,3 +561,23 @@ async def test_a_chunked_text_answer_is_guarded_like_a_stream(
         received = await response.read()
     assert b"AKIA" not in received
     assert json.loads(received.strip())["error_code"] == "RESPONSE_BLOCKED"
+
+
+async def test_an_engine_failure_mid_stream_ends_the_stream(
+    gateway: TestServer,
+    upstream: tuple[Upstream, TestServer],
+    client: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream the engine cannot evaluate stops at once with an error event, failing closed."""
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("gateway.answers.StreamGuard.feed", broken)
+    await _stream_answer(upstream[0], [_sse("first words "), _sse("more words")])
+    async with client.post(_url(gateway, "/conversation/c/prompt"), json={"prompt": "hi"}) as response:
+        received = await response.read()
+    assert received.startswith(b"event: error\ndata: ")
+    assert b"words" not in received
+    assert json.loads(received.split(b"data: ", 1)[1])["error_code"] == "POLICY_EVALUATION_FAILED"

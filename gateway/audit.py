@@ -119,7 +119,9 @@ def configure_logging(fmt: str = "json", stream: TextIO | None = None, level: in
     )
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *stamped, renderer],
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # One write() a line: several workers share stdout, and a line written in two parts
+        # could be interleaved with another worker's.
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=False,
     )

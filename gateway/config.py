@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from yarl import URL
@@ -85,34 +85,23 @@ class Settings:
 
 
 ENV_PREFIX = "GATEWAY_"
+T = TypeVar("T", int, float)
 
 
-def _positive_int(value: object) -> int:
-    number = int(str(value))
-    if number <= 0:
-        raise ValueError("must be a positive integer")
-    return number
+def _number(cast: Callable[[str], T], accept: Callable[[T], bool], rule: str) -> Callable[[object], T]:
+    def parse(value: object) -> T:
+        number = cast(str(value))
+        if not accept(number):
+            raise ValueError(rule)
+        return number
+
+    return parse
 
 
-def _non_negative_int(value: object) -> int:
-    number = int(str(value))
-    if number < 0:
-        raise ValueError("must be zero or more")
-    return number
-
-
-def _port(value: object) -> int:
-    number = int(str(value))
-    if not 0 <= number <= 65535:
-        raise ValueError("must be a port number 0-65535")
-    return number
-
-
-def _positive_float(value: object) -> float:
-    number = float(str(value))
-    if number <= 0:
-        raise ValueError("must be a positive number of seconds")
-    return number
+_positive_int = _number(int, lambda n: n > 0, "must be a positive integer")
+_non_negative_int = _number(int, lambda n: n >= 0, "must be zero or more")
+_port = _number(int, lambda n: 0 <= n <= 65535, "must be a port number 0-65535")
+_positive_float = _number(float, lambda n: n > 0, "must be a positive number of seconds")
 
 
 def _upstream(value: object) -> str:

@@ -107,6 +107,19 @@ async def stream_back(
     return response
 
 
+async def call_upstream(
+    request: web.Request, *, data: bytes | aiohttp.StreamReader | None, inspect: bool
+) -> aiohttp.ClientResponse:
+    """Send the request on to the same path upstream; raises one of ``UPSTREAM_ERRORS``."""
+    return await request.app[STATE].session.request(
+        request.method,
+        upstream_url(request),
+        headers=upstream_headers(request, inspect=inspect),
+        data=data,
+        allow_redirects=False,
+    )
+
+
 async def pass_through(
     request: web.Request,
     *,
@@ -122,13 +135,7 @@ async def pass_through(
     if body is None and request.body_exists:
         data = request.content
     try:
-        upstream = await request.app[STATE].session.request(
-            request.method,
-            upstream_url(request),
-            headers=upstream_headers(request, inspect=tap is not None),
-            data=data,
-            allow_redirects=False,
-        )
+        upstream = await call_upstream(request, data=data, inspect=tap is not None)
     except UPSTREAM_ERRORS as exc:
         return upstream_failure(request, exc)
     try:

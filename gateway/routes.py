@@ -30,11 +30,10 @@ from gateway.flashback import EVALUATION_FAILED, QUOTA_EXCEEDED, block_body, err
 from gateway.policy import Context, Stage
 from gateway.proxy import (
     UPSTREAM_ERRORS,
+    call_upstream,
     json_response,
     pass_through,
     upstream_failure,
-    upstream_headers,
-    upstream_url,
 )
 from gateway.state import STATE
 from gateway.usage.accounting import Exchange
@@ -288,12 +287,7 @@ async def prompt(request: web.Request, conversation_id: str) -> web.StreamRespon
     called = time.perf_counter()
     info.prompt_own = called - info.started
     try:
-        upstream = await state.session.post(
-            upstream_url(request),
-            data=body,
-            headers=upstream_headers(request, inspect=True),
-            allow_redirects=False,
-        )
+        upstream = await call_upstream(request, data=body, inspect=True)
     except UPSTREAM_ERRORS as exc:
         # Refused before the upstream had it: nothing was used.
         exchange.forwarded = not isinstance(exc, aiohttp.ClientConnectorError)
@@ -307,12 +301,9 @@ async def prompt(request: web.Request, conversation_id: str) -> web.StreamRespon
 
 
 async def messages(request: web.Request, conversation_id: str) -> web.StreamResponse:
-    state = request.app[STATE]
     context = policy_context(request, await resolve(request, conversation_id))
     try:
-        upstream = await state.session.get(
-            upstream_url(request), headers=upstream_headers(request, inspect=True), allow_redirects=False
-        )
+        upstream = await call_upstream(request, data=None, inspect=True)
     except UPSTREAM_ERRORS as exc:
         return upstream_failure(request, exc)
     try:

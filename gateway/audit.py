@@ -15,7 +15,6 @@ import json
 import logging
 import sys
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
+from gateway.ids import new_id
 from gateway.policy import Action, Decision, Mode, RuleSet, Stage, Violation, evaluate
 
 log = structlog.get_logger("gateway.audit")
@@ -162,7 +162,7 @@ def user_id(authorization: str | None) -> str | None:
 class RequestInfo:
     """Who and what a request is about, for its audit events."""
 
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_id)
     route: str = "passthrough"
     conversation_id: str | None = None
     workspace: str | None = None

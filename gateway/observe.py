@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import secrets
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +16,7 @@ import structlog
 
 from gateway.alerts import AlertDispatcher, AlertEvent
 from gateway.audit import AuditFile, RequestInfo, violation_event
+from gateway.ids import new_id
 from gateway.metrics import Metrics
 from gateway.policy import Action, Decision, Mode, RuleSet, Stage, Violation
 from gateway.usage.store import UsageRecord
@@ -58,7 +58,7 @@ class Observer:
     def violations(
         self, decision: Decision, violations: Iterable[Violation], info: RequestInfo, matched: Matched
     ) -> None:
-        decision_id = uuid.uuid4().hex
+        decision_id = new_id()
         workspace = self.metrics.workspace(info.workspace or "unresolved")
         for violation in violations:
             self.metrics.violations.labels(

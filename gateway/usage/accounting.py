@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.ids import new_id
 from gateway.observe import Observer
 from gateway.usage.quota import Ticket
 from gateway.usage.store import Source, UsageRecord, UsageStore
@@ -33,7 +33,7 @@ class Exchange:
     reported_response: int | None = None
     forwarded: bool = False
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_id)
 
     def note_reported(self, payload: Any) -> None:
         prompt, response = reported_usage(payload)

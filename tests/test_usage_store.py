@@ -174,6 +174,15 @@ async def test_a_record_id_counts_once(
     assert await store.conversation_totals("acme", "c1") == expected
 
 
+async def test_records_written_together_count_as_written_apart(store: UsageStore) -> None:
+    """One ``record_many`` of several workspaces, with a repeated id, gives the same totals."""
+    await store.record_many([*SEQUENCE, SEQUENCE[1], SEQUENCE[4]])
+    await store.record_many([])
+    assert await store.current("acme", at(2, 1)) == (Totals(57, 8, 2), Totals(58, 9, 3))
+    assert await store.conversation_totals("acme", "c1") == Totals(150, 25, 2)
+    assert await store.totals("globex", MONTH, at(2, 15)) == Totals(1000, 0, 1)
+
+
 @pytest.mark.parametrize(
     ("first", "second"),
     [
@@ -272,6 +281,37 @@ async def test_a_record_is_one_command(clean_redis: RedisProcess) -> None:
     await store.close()
     mine = [_text(entry["command"]).split()[0] for entry in entries if _text(entry["client_name"]) == name]
     assert mine == ["EVALSHA"]
+
+
+async def test_many_records_are_one_command_and_a_refused_one_costs_only_itself(
+    clean_redis: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records written together go in one EVALSHA; a record Redis refuses (a key of the wrong
+    type) is dropped and logged, and the others of its workspace and batch are counted."""
+    name = "usage-store-batch"
+    store = RedisUsageStore(f"{clean_redis.url}?client_name={name}")
+    await store.record(rec("warm-up", conversation=None, when=at(3, 1)))
+    batch = [
+        rec("ok-1", "acme", "c1", 3, 1),
+        rec("refused", "acme", "c1", 5, 5, when=at(2, 2)),
+        rec("ok-2", "acme", None, 4, 1),
+    ]
+    with clean_redis.client() as client:
+        client.set("pgw:{acme}:d:2026-02-02", "not a hash")
+        client.config_set("slowlog-log-slower-than", 0)
+        client.slowlog_reset()
+        try:
+            await store.record_many(batch)
+            entries = client.slowlog_get(128)
+        finally:
+            client.config_set("slowlog-log-slower-than", 10_000)
+    mine = [_text(entry["command"]).split()[0] for entry in entries if _text(entry["client_name"]) == name]
+    assert mine == ["EVALSHA"]
+    assert (store.pending, store.dropped) == (0, 1)
+    assert await store.totals("acme", DAY, at(2, 1)) == Totals(7, 2, 2)
+    assert await store.conversation_totals("acme", "c1") == Totals(3, 1, 1)
+    assert any("refused by Redis" in record.getMessage() for record in caplog.records)
+    await store.close()
 
 
 async def test_records_written_while_redis_is_stalled_are_flushed_when_it_resumes(

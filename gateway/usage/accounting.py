@@ -71,13 +71,19 @@ def reported_usage(payload: Any) -> tuple[int | None, int | None]:
 
 
 class Accountant:
-    """Counts and records exchanges in background tasks, so no answer waits for accounting."""
+    """Counts and records exchanges in the background, so no answer waits for accounting.
+
+    Exchanges that finish while a batch is being recorded wait for the next batch: under load
+    one background run counts, records (one store round trip) and logs many of them, rather than
+    a task, a future and a round trip each.
+    """
 
     def __init__(self, store: UsageStore, counter: TokenCounter, observer: Observer) -> None:
         self.store = store
         self.counter = counter
         self.observer = observer
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: list[tuple[Exchange, dict[str, Any]]] = []
+        self._runner: asyncio.Task[None] | None = None
 
     def settle(self, exchange: Exchange, completed: dict[str, Any]) -> None:
         """Count and record the exchange in the background, then log ``request.completed``."""
@@ -85,9 +91,9 @@ class Accountant:
             exchange.ticket.release()
             self.observer.request_completed(completed)
             return
-        task = asyncio.get_running_loop().create_task(self._record(exchange, completed))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._queue.append((exchange, completed))
+        if self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self._run())
 
     def record_of(self, exchange: Exchange) -> UsageRecord:
         prompt, response = exchange.reported_prompt, exchange.reported_response
@@ -106,24 +112,41 @@ class Accountant:
             at=exchange.at,
         )
 
-    async def _record(self, exchange: Exchange, completed: dict[str, Any]) -> None:
+    async def _run(self) -> None:
         try:
-            record = self.record_of(exchange)
-            self.observer.tokens(record)
-            completed["tokens"] = {
-                "prompt": record.prompt_tokens,
-                "response": record.response_tokens,
-                "source": record.source,
-            }
-            await self.store.record(record)
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._record(batch)
+        finally:
+            self._runner = None
+
+    async def _record(self, batch: list[tuple[Exchange, dict[str, Any]]]) -> None:
+        records: list[UsageRecord] = []
+        try:
+            for exchange, completed in batch:
+                try:
+                    record = self.record_of(exchange)
+                except Exception as exc:
+                    # A bug, logged by type only (the text counted is a prompt): the rest still count.
+                    log.error("usage record failed: %s", type(exc).__name__)
+                    continue
+                self.observer.tokens(record)
+                completed["tokens"] = {
+                    "prompt": record.prompt_tokens,
+                    "response": record.response_tokens,
+                    "source": record.source,
+                }
+                records.append(record)
+            await self.store.record_many(records)
         except Exception as exc:
             # The store buffers its own outages; anything else is a bug, logged by type only.
             log.error("usage record failed: %s", type(exc).__name__)
         finally:
-            exchange.ticket.release()
-            self.observer.request_completed(completed)
+            for exchange, completed in batch:
+                exchange.ticket.release()
+                self.observer.request_completed(completed)
 
     async def drain(self) -> None:
         """Wait for every scheduled record (at shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._runner is not None:
+            await asyncio.shield(self._runner)

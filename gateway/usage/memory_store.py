@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -76,6 +76,10 @@ class MemoryUsageStore:
     def healthy(self) -> bool:
         """Always: there is no backend to lose (the same property as the Redis store's)."""
         return True
+
+    async def record_many(self, records: Sequence[UsageRecord]) -> None:
+        for record in records:
+            await self.record(record)
 
     async def record(self, record: UsageRecord) -> None:
         now = self._clock()

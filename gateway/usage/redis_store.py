@@ -17,10 +17,13 @@ its Cluster slot, so one Lua script can update them together. Day keys are kept 
 daily history, month keys for two years of monthly history (year-on-year comparisons), and a
 conversation for as long as it keeps being written to.
 
-A record is counted by one script run (one round trip): `SET` the record marker `NX` and, only
-if it was not already there, `HINCRBY` the day, month and conversation hashes and renew their
-expiry. A retry of a record whose outcome is unknown therefore counts it exactly once, as long
-as the retry comes within the marker's 8 days.
+A record is counted by a script (one round trip for every record written together): `SET` the
+record marker `NX` and, only if it was not already there, `HINCRBY` the day, month and
+conversation hashes and renew their expiry. A retry of a record whose outcome is unknown
+therefore counts it exactly once, as long as the retry comes within the marker's 8 days. Records
+that finish while a write is under way go in the next one, one script run per workspace (its
+keys share a Cluster slot), each record under its own `pcall`: one refused record (a key of the
+wrong type) costs only itself.
 
 Redis down or slow: `record` never raises and never waits much longer than `timeout`; the
 record goes to a bounded in-memory buffer (in order) that a background task drains once Redis
@@ -35,7 +38,7 @@ import functools
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -62,18 +65,35 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0
 FLUSH_BATCH = 128
 CLOSE_FLUSH_SECONDS = 2.0
 
-# KEYS: marker, day, month[, conversation]. ARGV: prompt, response, then the TTL of each key.
+# ARGV[1..4]: the TTL of the marker, day, month and conversation keys. Then, for each record: its
+# number of keys (3, or 4 with a conversation), prompt tokens, response tokens. KEYS: each record's
+# marker, day, month[, conversation]. Returns, for each record: 1 counted, 0 counted before, or
+# the error text of the call that refused it.
 RECORD_SCRIPT = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
-  return 0
+local results = {}
+local k, a = 1, 5
+while a <= #ARGV do
+  local n, prompt, response = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
+  local ok, outcome = pcall(function()
+    if not redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[1]) then
+      return 0
+    end
+    for i = 1, n - 1 do
+      local key = KEYS[k + i]
+      redis.call('HINCRBY', key, 'prompt', prompt)
+      redis.call('HINCRBY', key, 'response', response)
+      redis.call('HINCRBY', key, 'requests', 1)
+      redis.call('EXPIRE', key, ARGV[i + 1])
+    end
+    return 1
+  end)
+  if not ok then
+    outcome = type(outcome) == 'table' and outcome.err or tostring(outcome)
+  end
+  results[#results + 1] = outcome
+  k, a = k + n, a + 3
 end
-for i = 2, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'prompt', ARGV[1])
-  redis.call('HINCRBY', KEYS[i], 'response', ARGV[2])
-  redis.call('HINCRBY', KEYS[i], 'requests', 1)
-  redis.call('EXPIRE', KEYS[i], ARGV[i + 2])
-end
-return 1
+return results
 """
 
 
@@ -125,7 +145,7 @@ class RedisUsageStore:
         self._burst = 0  # drops since the buffer last had room: a burst is logged once, not per record
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
-        self._outbox: list[tuple[UsageRecord, asyncio.Future[None]]] = []
+        self._outbox: list[tuple[Sequence[UsageRecord], asyncio.Future[None]]] = []
         self._script_loaded = False
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -156,46 +176,36 @@ class RedisUsageStore:
             self._healthy = True
 
     async def record(self, record: UsageRecord) -> None:
+        await self.record_many((record,))
+
+    async def record_many(self, records: Sequence[UsageRecord]) -> None:
+        if not records:
+            return
         if self._down or self._buffer:
             # Behind the buffer, to keep order, and without waiting on a Redis known to be down.
-            self._enqueue(record)
+            for record in records:
+                self._enqueue(record)
             return
-        if isinstance(self._client, RedisCluster):
-            # A cluster routes each script run to its workspace's node; no shared pipeline.
-            await self._record_one(record)
-            return
-        # Records that arrive while a write is under way go together in the next pipeline: one
-        # round trip for many requests under load, still one atomic script run per record.
+        # Records that arrive while a write is under way go together in the next one: one round
+        # trip for many requests under load, still one atomic update per record.
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outbox.append((record, done))
+        self._outbox.append((records, done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_outbox())
         # Shielded: a caller that gives up does not stop the write; it lands or is buffered.
         await asyncio.shield(done)
 
-    async def _record_one(self, record: UsageRecord) -> None:
-        keys, args = self._script_call(record)
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._script(keys=keys, args=args)
-        except asyncio.CancelledError:
-            # The caller gave up, not Redis: the write may or may not have landed, so retry it.
-            self._enqueue(record)
-            raise
-        except Exception as exc:  # never raise: whatever failed, the record is retried later
-            if _permanent(exc):
-                self._drop(record, exc)
-                return
-            self._mark_down(exc)
-            self._enqueue(record)
-        else:
-            self._healthy = True
-
     async def _write_outbox(self) -> None:
         while self._outbox:
-            batch, self._outbox = self._outbox[:FLUSH_BATCH], self._outbox[FLUSH_BATCH:]
+            taken, size = 0, 0
+            while taken < len(self._outbox) and (
+                taken == 0 or size + len(self._outbox[taken][0]) <= FLUSH_BATCH
+            ):
+                size += len(self._outbox[taken][0])
+                taken += 1
+            batch, self._outbox = self._outbox[:taken], self._outbox[taken:]
             try:
-                await self._write([record for record, _ in batch])
+                await self._write([record for records, _ in batch for record in records])
             finally:
                 for _, done in batch:
                     if not done.done():
@@ -206,17 +216,10 @@ class RedisUsageStore:
             for record in records:
                 self._enqueue(record)
             return
-        pipe = self._client.pipeline(transaction=False)
-        for record in records:
-            keys, args = self._script_call(record)
-            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+        groups = _by_workspace(records)
         try:
             async with asyncio.timeout(self._timeout):
-                if not self._script_loaded:
-                    # Once per connection to a (re)started Redis, not once per pipeline.
-                    await self._client.script_load(RECORD_SCRIPT)
-                    self._script_loaded = True
-                results = await pipe.execute(raise_on_error=False)
+                results = await self._run_script(groups, loaded=True)
         except BaseException as exc:
             # Whatever failed (cancellation included), the outcome is unknown: retry them all.
             if isinstance(exc, Exception):
@@ -227,15 +230,37 @@ class RedisUsageStore:
                 raise
             return
         self._healthy = True
-        for record, result in zip(records, results, strict=True):
-            if not isinstance(result, Exception):
-                continue
-            if _permanent(result):
-                self._drop(record, result)
+        for group, result in zip(groups, results, strict=True):
+            for record, outcome in zip(group, _outcomes(result, len(group)), strict=True):
+                if outcome is None:
+                    continue
+                if _permanent(outcome):
+                    self._drop(record, outcome)
+                else:
+                    # NOSCRIPT after a restart, LOADING, ...: the flusher retries with EVAL.
+                    self._mark_down(outcome)
+                    self._enqueue(record)
+
+    async def _run_script(self, groups: list[list[UsageRecord]], *, loaded: bool) -> list[Any]:
+        """One script run per group, in one round trip where Redis is one server. With ``loaded``
+        the script is called by its digest (loaded once per connection to a (re)started Redis),
+        else sent whole, which loads it again after a restart emptied the script cache."""
+        calls = [self._script_call(group) for group in groups]
+        if isinstance(self._client, RedisCluster):
+            # A cluster routes each run to its workspace's node: no shared pipeline.
+            return await asyncio.gather(
+                *(self._script(keys=keys, args=args) for keys, args in calls), return_exceptions=True
+            )
+        if loaded and not self._script_loaded:
+            await self._client.script_load(RECORD_SCRIPT)
+            self._script_loaded = True
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args in calls:
+            if loaded:
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
             else:
-                # NOSCRIPT after a restart, LOADING, ...: the flusher retries with EVAL.
-                self._mark_down(result)
-                self._enqueue(record)
+                pipe.eval(RECORD_SCRIPT, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def totals(self, workspace: str, period: Period, at: datetime) -> Totals:
         key = self._bucket_key(workspace, period, at)
@@ -282,17 +307,22 @@ class RedisUsageStore:
     def _bucket_key(self, workspace: str, period: Period, at: datetime) -> str:
         return f"{self._tag(workspace)}:{'d' if period is Period.DAY else 'm'}:{period.bucket(at)}"
 
-    def _script_call(self, record: UsageRecord) -> tuple[list[str], list[int]]:
-        tag = self._tag(record.workspace)
-        keys = [
-            f"{tag}:r:{quote(record.id, safe='')}",
-            self._bucket_key(record.workspace, Period.DAY, record.at),
-            self._bucket_key(record.workspace, Period.MONTH, record.at),
-        ]
-        args = [record.prompt_tokens, record.response_tokens, MARKER_TTL, DAY_TTL, MONTH_TTL]
-        if record.conversation_id is not None:
-            keys.append(f"{tag}:c:{_encoded(record.conversation_id)}")
-            args.append(CONVERSATION_TTL)
+    def _script_call(self, records: list[UsageRecord]) -> tuple[list[str], list[int]]:
+        """Keys and arguments of one script run over ``records`` (all of one workspace)."""
+        tag = self._tag(records[0].workspace)
+        keys: list[str] = []
+        args = [MARKER_TTL, DAY_TTL, MONTH_TTL, CONVERSATION_TTL]
+        for record in records:
+            keys += (
+                f"{tag}:r:{quote(record.id, safe='')}",
+                self._bucket_key(record.workspace, Period.DAY, record.at),
+                self._bucket_key(record.workspace, Period.MONTH, record.at),
+            )
+            if record.conversation_id is None:
+                args += (3, record.prompt_tokens, record.response_tokens)
+            else:
+                keys.append(f"{tag}:c:{_encoded(record.conversation_id)}")
+                args += (4, record.prompt_tokens, record.response_tokens)
         return keys, args
 
     # -- reads ----------------------------------------------------------------------------------
@@ -384,29 +414,53 @@ class RedisUsageStore:
     async def _flush_batch(self) -> bool:
         """Write the oldest buffered records in one round trip; False if Redis did not take them."""
         batch = list(itertools.islice(self._buffer, FLUSH_BATCH))
-        pipe = self._client.pipeline(transaction=False)
-        for record in batch:
-            keys, args = self._script_call(record)
-            # EVAL, not EVALSHA: after a restart the script cache is empty, and this loads it again.
-            pipe.eval(RECORD_SCRIPT, len(keys), *keys, *args)
+        groups = _by_workspace(batch)
         try:
             async with asyncio.timeout(self._timeout):
-                results = await pipe.execute(raise_on_error=False)
+                results = await self._run_script(groups, loaded=False)
         except Exception as exc:
             self._mark_down(exc)
             return False
-        for record, result in zip(batch, results, strict=True):
-            if isinstance(result, Exception) and not _permanent(result):
-                self._mark_down(result)  # e.g. LOADING after a restart: retry from this record on
+        outcome_of: dict[int, Exception | None] = {}
+        for group, result in zip(groups, results, strict=True):
+            for record, outcome in zip(group, _outcomes(result, len(group)), strict=True):
+                outcome_of[id(record)] = outcome
+        for record in batch:
+            outcome = outcome_of[id(record)]
+            if outcome is not None and not _permanent(outcome):
+                self._mark_down(outcome)  # e.g. LOADING after a restart: retry from this record on
                 return False
             self._buffer.popleft()
-            if isinstance(result, Exception):
-                self._drop(record, result)
+            if outcome is not None:
+                self._drop(record, outcome)
         self._mark_up()
         if self._burst and len(self._buffer) < self._buffer_limit:
             log.warning("usage buffer has room again; %d records were dropped", self._burst)
             self._burst = 0
         return True
+
+
+def _by_workspace(records: list[UsageRecord]) -> list[list[UsageRecord]]:
+    """The records grouped by workspace, each group in arrival order: one script run each."""
+    groups: dict[str, list[UsageRecord]] = {}
+    for record in records:
+        groups.setdefault(record.workspace, []).append(record)
+    return list(groups.values())
+
+
+def _outcomes(result: Any, count: int) -> list[Exception | None]:
+    """What the script said of each record: None where it was counted (now or before)."""
+    if isinstance(result, Exception):
+        return [result] * count
+    if not isinstance(result, list) or len(result) != count:
+        return [ResponseError(f"unexpected script answer: {type(result).__name__}")] * count
+    outcomes: list[Exception | None] = []
+    for item in result:
+        if isinstance(item, bytes | str):
+            outcomes.append(ResponseError(item.decode(errors="replace") if isinstance(item, bytes) else item))
+        else:
+            outcomes.append(None)
+    return outcomes
 
 
 def _encoded(identifier: str) -> str:

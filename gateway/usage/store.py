@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import Enum
@@ -61,6 +62,9 @@ class UsageStore(Protocol):
 
     async def record(self, record: UsageRecord) -> None:
         """Count a record once, atomically; while the backend is down, buffer it (bounded)."""
+
+    async def record_many(self, records: Sequence[UsageRecord]) -> None:
+        """Count each record as :meth:`record` does, in one round trip where the backend allows."""
 
     async def totals(self, workspace: str, period: Period, at: datetime) -> Totals:
         """The workspace's totals for the bucket of ``period`` that ``at`` falls in."""

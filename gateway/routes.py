@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -96,7 +97,6 @@ def info_of(request: web.Request) -> RequestInfo:
 @web.middleware
 async def observe_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Times every request, counts it, and logs one ``request.completed`` event for it."""
-    state = request.app[STATE]
     info = RequestInfo(user_id=user_id(request.headers.get("Authorization")))
     incoming = request.headers.get("X-Request-Id", "")
     if 0 < len(incoming) <= 128 and incoming.isprintable():
@@ -109,32 +109,38 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
         return response
     finally:
         elapsed = time.perf_counter() - info.started
-        metrics = state.observer.metrics
-        metrics.child(metrics.requests, info.route, str(status)).inc()
-        metrics.child(metrics.request_duration, info.route).observe(elapsed)
-        if info.prompt_own is not None:
-            metrics.child(metrics.overhead, "prompt").observe(info.prompt_own)
-        if info.route in {"prompt", "messages"} and status != 400:
-            metrics.child(metrics.overhead, "response").observe(info.response_own)
-        completed = {
-            "requestId": info.request_id,
-            "pid": os.getpid(),
-            "method": request.method,
-            "route": info.route,
-            "status": status,
-            "decision": info.decision,
-            "conversationId": info.conversation_id,
-            "workspace": info.workspace,
-            "userId": info.user_id,
-            "durationMs": round(elapsed * 1000, 3),
-            "upstreamMs": None if info.upstream_seconds is None else round(info.upstream_seconds * 1000, 3),
-            "tokens": None,
-        }
-        exchange = request.get(EXCHANGE)
-        if exchange is not None:
-            state.accountant.settle(exchange, completed)
-        else:
-            state.observer.request_completed(completed)
+        # After this task has handed the answer to the socket: the client does not wait for it.
+        asyncio.get_running_loop().call_soon(_completed, request, info, status, elapsed)
+
+
+def _completed(request: web.Request, info: RequestInfo, status: int, elapsed: float) -> None:
+    state = request.app[STATE]
+    metrics = state.observer.metrics
+    metrics.child(metrics.requests, info.route, str(status)).inc()
+    metrics.child(metrics.request_duration, info.route).observe(elapsed)
+    if info.prompt_own is not None:
+        metrics.child(metrics.overhead, "prompt").observe(info.prompt_own)
+    if info.route in {"prompt", "messages"} and status != 400:
+        metrics.child(metrics.overhead, "response").observe(info.response_own)
+    completed = {
+        "requestId": info.request_id,
+        "pid": os.getpid(),
+        "method": request.method,
+        "route": info.route,
+        "status": status,
+        "decision": info.decision,
+        "conversationId": info.conversation_id,
+        "workspace": info.workspace,
+        "userId": info.user_id,
+        "durationMs": round(elapsed * 1000, 3),
+        "upstreamMs": None if info.upstream_seconds is None else round(info.upstream_seconds * 1000, 3),
+        "tokens": None,
+    }
+    exchange = request.get(EXCHANGE)
+    if exchange is not None:
+        state.accountant.settle(exchange, completed)
+    else:
+        state.observer.request_completed(completed)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:

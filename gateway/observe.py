@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from gateway.alerts import AlertDispatcher, AlertEvent
-from gateway.audit import AuditFile, RequestInfo, violation_event
+from gateway.audit import AuditFile, RequestInfo, events, violation_event
 from gateway.ids import new_id
 from gateway.metrics import Metrics
 from gateway.policy import Action, Decision, Mode, RuleSet, Stage, Violation
@@ -89,7 +89,7 @@ class Observer:
         metrics.child(metrics.tokens, "response", record.source, *workspace).inc(record.response_tokens)
 
     def request_completed(self, fields: dict[str, Any]) -> None:
-        log.info("request.completed", **fields)
+        events().info("request.completed", **fields)
 
 
 def _now() -> str:

@@ -7,6 +7,8 @@ import base64
 import io
 import json
 import logging
+import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.alerts import AlertConfig, WebhookSink
-from gateway.audit import configure_logging, fingerprint, user_id
+from gateway.audit import configure_logging, events, fingerprint, user_id
 from gateway.policy import BUILTIN_POLICY_DIR
 from tests.proxy_fixtures import start_gateway, start_upstream
 
@@ -211,3 +213,28 @@ def test_a_secret_in_a_careless_log_call_is_redacted(stack: Any) -> None:
     logs = log_stream.getvalue()
     assert CANARY_BLOCK not in logs
     assert logs.count("[redacted]") == 3
+
+
+def test_event_lines_are_stamped_redacted_and_filtered_by_level() -> None:
+    """The request path's event log: structlog's ISO UTC stamp, the redactor, one line each."""
+    stream = io.StringIO()
+    configure_logging("json", stream)
+    before = datetime.now(UTC)
+    events().info("request.completed", route="prompt", prompt="a secret prompt")
+    events().info("request.completed", route="messages")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["route"] for line in lines] == ["prompt", "messages"]
+    assert lines[0]["prompt"] == "[redacted]"
+    assert lines[0]["level"] == "info"
+    stamp = lines[0]["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    written = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert before - timedelta(seconds=1) <= written <= datetime.now(UTC)
+    reference = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})["timestamp"]
+    assert len(reference) == len(stamp)
+    assert reference[-1] == stamp[-1] == "Z"
+    quiet = io.StringIO()
+    configure_logging("json", quiet, level=logging.WARNING)
+    events().info("request.completed", route="prompt")
+    assert quiet.getvalue() == ""
+    configure_logging("json", io.StringIO())

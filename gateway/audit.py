@@ -31,10 +31,11 @@ log = structlog.get_logger("gateway.audit")
 
 # Keys whose values are content, whatever they hold.
 _CONTENT_KEYS = frozenset({"prompt", "text", "content", "body", "matched", "authorization", "password"})
-# Values of these keys are the gateway's own vocabulary and ids; they are not scanned.
+# Values of these keys are the gateway's own vocabulary and ids; they are not scanned (a client's
+# X-Request-Id is checked once, when the request arrives).
 _OWN_KEYS = frozenset({
     "event", "level", "timestamp", "logger", "policyId", "policyName", "severity", "action", "mode",
-    "stage", "decision", "route", "method", "revision", "decisionId", "fingerprints",
+    "stage", "decision", "route", "method", "revision", "decisionId", "fingerprints", "requestId",
     "status", "pid", "durationMs", "upstreamMs", "tokens", "offsets", "length", "block", "wouldBlock",
 })  # fmt: skip
 REDACTED = "[redacted]"

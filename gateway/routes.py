@@ -26,7 +26,7 @@ from gateway.answers import (
     read_bounded,
     withhold_messages,
 )
-from gateway.audit import RequestInfo, user_id
+from gateway.audit import REDACTOR, RequestInfo, user_id
 from gateway.flashback import EVALUATION_FAILED, QUOTA_EXCEEDED, block_body, error_body
 from gateway.policy import Context, Stage
 from gateway.proxy import (
@@ -99,7 +99,9 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
     """Times every request, counts it, and logs one ``request.completed`` event for it."""
     info = RequestInfo(user_id=user_id(request.headers.get("Authorization")))
     incoming = request.headers.get("X-Request-Id", "")
-    if 0 < len(incoming) <= 128 and incoming.isprintable():
+    # SECURITY: a client's id is taken only if no block rule catches it; the redactor then
+    # leaves requestId alone, instead of scanning a new value on every event of every request.
+    if 0 < len(incoming) <= 128 and incoming.isprintable() and not REDACTOR.sensitive(incoming):
         info.request_id = incoming
     request[INFO] = info
     status = 500

@@ -238,3 +238,24 @@ def test_event_lines_are_stamped_redacted_and_filtered_by_level() -> None:
     events().info("request.completed", route="prompt")
     assert quiet.getvalue() == ""
     configure_logging("json", io.StringIO())
+
+
+async def test_a_client_request_id_is_kept_unless_a_block_rule_catches_it(aiohttp_server: Any) -> None:
+    """X-Request-Id is checked once on arrival: a clean one is used, one holding a secret is
+    replaced by the gateway's own id and appears nowhere in the log."""
+    stream = io.StringIO()
+    configure_logging("json", stream)
+    _, upstream = await start_upstream(aiohttp_server)
+    public, _, _ = await start_gateway(aiohttp_server, str(upstream.make_url("")))
+    async with aiohttp.ClientSession() as client:
+        for request_id in ("trace-123", CANARY_BLOCK):
+            async with client.get(public.make_url("/health"), headers={"X-Request-Id": request_id}) as answer:
+                await answer.read()
+    await asyncio.sleep(0.05)
+    logged = stream.getvalue()
+    ids = [json.loads(line)["requestId"] for line in logged.splitlines() if "request.completed" in line]
+    assert ids[0] == "trace-123"
+    assert len(ids) == 2
+    assert len(ids[1]) == 32
+    assert CANARY_BLOCK not in logged
+    configure_logging("json", io.StringIO())

@@ -5,7 +5,8 @@
 One pooled ClientSession (the gateway's defaults: 100 connections, no decompression, no
 cookies); the method, raw path, headers and body go to the upstream and the answer streams
 back. No policies, no usage, no logging, no metrics: what is left is aiohttp's own cost. It
-runs on the gateway's event loop (uvloop when installed, as gateway/runtime.py chooses).
+runs on the gateway's event loop (uvloop when installed) with the gateway's garbage collector
+settings, both from gateway/runtime.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+
+from gateway.runtime import settle_heap
 
 try:
     import uvloop
@@ -58,6 +61,7 @@ def main() -> None:
     app[UPSTREAM] = sys.argv[2].rstrip("/")
     app.cleanup_ctx.append(session)
     app.router.add_route("*", "/{tail:.*}", forward)
+    settle_heap()  # the gateway's garbage collector settings, so that only the work differs
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=loop)
 

@@ -15,10 +15,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.audit import AuditFile
+from gateway.batches import AfterAnswers
 from gateway.config import Settings
 from gateway.policy import RuleSet
 from gateway.reload import Reloader
-from gateway.routes import add_routes, observe_requests
+from gateway.routes import AFTER_ANSWERS, add_routes, completed, observe_requests
 from gateway.state import STATE, GatewayState
 from gateway.usage.store import Period, StoreUnavailable, Totals
 
@@ -73,6 +74,7 @@ def build_public_app(state: GatewayState) -> web.Application:
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_usage)
     app.cleanup_ctx.append(_audit_and_alerts)
+    app[AFTER_ANSWERS] = AfterAnswers(completed)
     app.middlewares.append(observe_requests)
     add_routes(app)
     return app

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -27,6 +26,7 @@ from gateway.answers import (
     withhold_messages,
 )
 from gateway.audit import REDACTOR, RequestInfo, user_id
+from gateway.batches import AfterAnswers
 from gateway.flashback import EVALUATION_FAILED, QUOTA_EXCEEDED, block_body, error_body
 from gateway.policy import Context, Stage
 from gateway.proxy import (
@@ -87,6 +87,7 @@ _LEARN_LIMIT = 1 << 20
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
+AFTER_ANSWERS = web.AppKey("after_answers", AfterAnswers[Any])
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -111,11 +112,16 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
         return response
     finally:
         elapsed = time.perf_counter() - info.started
-        # After this task has handed the answer to the socket: the client does not wait for it.
-        asyncio.get_running_loop().call_soon(_completed, request, info, status, elapsed)
+        # Once this task has handed the answer to the socket: the client does not wait for it.
+        request.app[AFTER_ANSWERS].add((request, info, status, elapsed))
 
 
-def _completed(request: web.Request, info: RequestInfo, status: int, elapsed: float) -> None:
+Finished = tuple[web.Request, RequestInfo, int, float]
+
+
+def completed(finished: Finished) -> None:
+    """A finished request's metrics and ``request.completed`` line (after usage, if any)."""
+    request, info, status, elapsed = finished
     state = request.app[STATE]
     metrics = state.observer.metrics
     metrics.child(metrics.requests, info.route, str(status)).inc()

@@ -314,6 +314,33 @@ async def test_many_records_are_one_command_and_a_refused_one_costs_only_itself(
     await store.close()
 
 
+async def test_records_finishing_within_the_linger_share_one_write(clean_redis: RedisProcess) -> None:
+    """Records that finish one after another, a little apart, reach Redis together."""
+    name = "usage-store-linger"
+    store = RedisUsageStore(f"{clean_redis.url}?client_name={name}", linger=0.05)
+    await store.record(rec("warm-up", conversation=None, when=at(3, 1)))
+
+    async def one_after_another() -> None:
+        writes = []
+        for n in range(10):
+            writes.append(asyncio.ensure_future(store.record(rec(f"r{n}"))))
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*writes)
+
+    with clean_redis.client() as client:
+        client.config_set("slowlog-log-slower-than", 0)
+        client.slowlog_reset()
+        try:
+            await one_after_another()
+            entries = client.slowlog_get(128)
+        finally:
+            client.config_set("slowlog-log-slower-than", 10_000)
+    mine = [_text(entry["command"]).split()[0] for entry in entries if _text(entry["client_name"]) == name]
+    assert mine == ["EVALSHA"]
+    assert await store.conversation_totals("acme", "c1") == Totals(10, 10, 10)
+    await store.close()
+
+
 async def test_records_written_while_redis_is_stalled_are_flushed_when_it_resumes(
     persistent_redis: RedisProcess,
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -48,23 +49,31 @@ def _dropped(headers: CIMultiDictProxy[str], fixed: frozenset[str] = HOP_BY_HOP)
     return fixed | {token.strip().lower() for value in listed for token in value.split(",")}
 
 
-def upstream_url(request: web.Request) -> URL:
-    base = str(request.app[STATE].settings.upstream_url).rstrip("/")
+@functools.lru_cache(maxsize=8)
+def _upstream(upstream: str) -> tuple[str, str]:
+    """The upstream's base URL and its Host header, worked out once, not on every request."""
+    target = URL(upstream)
+    host = target.raw_host or ""
+    return str(target).rstrip("/"), host if target.is_default_port() else f"{host}:{target.port}"
+
+
+def upstream_url(request: web.Request, upstream: str) -> URL:
     # The raw path and query, as the client sent them: nothing is re-encoded on the way.
-    return URL(base + request.raw_path, encoded=True)
+    return URL(_upstream(upstream)[0] + request.raw_path, encoded=True)
 
 
-def upstream_headers(request: web.Request, *, inspect: bool = False) -> CIMultiDict[str]:
-    dropped = _dropped(request.headers, _TO_UPSTREAM_INSPECTED if inspect else _TO_UPSTREAM)
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
+def upstream_headers(request: web.Request, upstream: str, *, inspect: bool = False) -> CIMultiDict[str]:
+    source = request.headers
+    dropped = _dropped(source, _TO_UPSTREAM_INSPECTED if inspect else _TO_UPSTREAM)
+    headers = CIMultiDict(source)
+    for name in dropped.intersection(map(str.lower, source.keys())):
+        del headers[name]
     peer = request.remote or "unknown"
-    prior = request.headers.get("X-Forwarded-For")
+    prior = source.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Forwarded-Host"] = request.host
-    target = request.app[STATE].settings.upstream_url
-    host = target.raw_host or ""
-    headers["Host"] = host if target.is_default_port() else f"{host}:{target.port}"
+    headers["Host"] = _upstream(upstream)[1]
     if inspect:
         # The gateway reads this answer; a compressed one could not be inspected.
         headers["Accept-Encoding"] = "identity"
@@ -72,8 +81,12 @@ def upstream_headers(request: web.Request, *, inspect: bool = False) -> CIMultiD
 
 
 def response_headers(upstream: aiohttp.ClientResponse, *, keep_length: bool) -> CIMultiDict[str]:
-    dropped = _dropped(upstream.headers, HOP_BY_HOP if keep_length else _BACK_WITHOUT_LENGTH)
-    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in dropped)
+    source = upstream.headers
+    dropped = _dropped(source, HOP_BY_HOP if keep_length else _BACK_WITHOUT_LENGTH)
+    headers = CIMultiDict(source)
+    for name in dropped.intersection(map(str.lower, source.keys())):
+        del headers[name]
+    return headers
 
 
 def upstream_failure(request: web.Request, exc: BaseException) -> web.Response:
@@ -111,10 +124,12 @@ async def call_upstream(
     request: web.Request, *, data: bytes | aiohttp.StreamReader | None, inspect: bool
 ) -> aiohttp.ClientResponse:
     """Send the request on to the same path upstream; raises one of ``UPSTREAM_ERRORS``."""
-    return await request.app[STATE].session.request(
+    state = request.app[STATE]
+    upstream = state.settings.upstream
+    return await state.session.request(
         request.method,
-        upstream_url(request),
-        headers=upstream_headers(request, inspect=inspect),
+        upstream_url(request, upstream),
+        headers=upstream_headers(request, upstream, inspect=inspect),
         data=data,
         allow_redirects=False,
     )

@@ -55,12 +55,28 @@ def _bad_request(message: str) -> web.Response:
 
 def intercepted_route(request: web.Request) -> tuple[str, str] | web.Response | None:
     """(route, conversation id) for an intercepted request, a 400 for a disguised one, or None."""
-    raw_path = request.raw_path.split("?", 1)[0]
+    found = _classify(request.raw_path.split("?", 1)[0])
+    if found is None or request.method != _INTERCEPTED_METHOD[found[0]]:
+        return None
+    if not found[1]:
+        return _bad_request("Invalid conversation id")
+    return found
+
+
+_DISGUISED = ""  # the conversation id _classify gives a disguised spelling of a route
+
+
+# Conversations see many requests each: the same paths recur. Bounded, as clients choose them.
+@functools.lru_cache(maxsize=4096)
+def _classify(raw_path: str) -> tuple[str, str] | None:
+    """(route, conversation id) for a path that reaches an intercepted route, with the id
+    ``_DISGUISED`` for any spelling other than the plain one; None for any other path."""
     # A backend may route on the raw path (and decode the id after) or on a normalised one.
     plain = _INTERCEPTED.match(raw_path)
     target = plain or _INTERCEPTED.match(_canonical(raw_path))
-    if target is None or request.method != _INTERCEPTED_METHOD[target.group(2).lower()]:
+    if target is None:
         return None
+    route = target.group(2).lower()
     # SECURITY: whatever the backend would resolve to this route must be inspected, so any
     # spelling other than the plain one (encoded slashes, dot segments, doubled slashes,
     # control characters) is refused rather than passed through.
@@ -71,8 +87,8 @@ def intercepted_route(request: web.Request) -> tuple[str, str] | web.Response | 
         or any(char in conversation_id for char in "/\\")
         or any(ord(char) < 32 or ord(char) == 127 for char in conversation_id)
     ):
-        return _bad_request("Invalid conversation id")
-    return plain.group(2).lower(), conversation_id
+        return route, _DISGUISED
+    return route, conversation_id
 
 
 def _canonical(raw_path: str) -> str:

@@ -14,6 +14,8 @@ import gc
 from collections.abc import Coroutine
 from typing import Any
 
+from gateway.heap import release_free_heap
+
 try:
     import uvloop
 
@@ -27,9 +29,11 @@ YOUNG_THRESHOLD = 20_000
 
 
 def settle_heap() -> None:
-    """Collect once, freeze what survives start-up, and space out young collections."""
+    """Collect once, freeze what survives start-up, and space out young collections; hand the
+    heap that start-up left free (compiling the rule set) back to the system."""
     gc.collect()
     gc.freeze()
+    release_free_heap()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, older, oldest)
 

@@ -22,6 +22,8 @@ from typing import Final
 
 import toktok
 
+from gateway.heap import release_free_heap
+
 ENCODINGS: Final = ("o200k_base", "cl100k_base")
 DEFAULT_ENCODING: Final = "o200k_base"
 
@@ -61,6 +63,7 @@ def _counter(encoding: str) -> Callable[[str], int]:
                 # count() skips the ~10 µs thread-pool dispatch that batch_count pays per call.
                 count = toktok._encoding(encoding).count
                 _loaded[encoding] = count
+                release_free_heap()  # the loader's temporaries, 4 to 10 MB
     return count
 
 

@@ -74,7 +74,7 @@ def build_public_app(state: GatewayState) -> web.Application:
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_usage)
     app.cleanup_ctx.append(_audit_and_alerts)
-    app[AFTER_ANSWERS] = AfterAnswers(completed)
+    app[AFTER_ANSWERS] = AfterAnswers(completed, state.observer.metrics.flush)
     app.middlewares.append(observe_requests)
     add_routes(app)
     return app

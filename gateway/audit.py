@@ -83,9 +83,9 @@ class Redactor:
 
     def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in list(event.items()):
-            if key.lower() in _CONTENT_KEYS or (
-                key not in _OWN_KEYS and isinstance(value, str) and self.sensitive(value)
-            ):
+            if key in _OWN_KEYS:  # none of them is a content key in any case
+                continue
+            if key.lower() in _CONTENT_KEYS or (isinstance(value, str) and self.sensitive(value)):
                 event[key] = REDACTED
         # The message of a stdlib log call is scanned too: it is where a careless %s would land.
         message = event.get("event")

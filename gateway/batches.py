@@ -19,10 +19,12 @@ T = TypeVar("T")
 
 
 class AfterAnswers(Generic[T]):
-    """Calls ``handle`` on every item added, on the event loop's next turn, in arrival order."""
+    """Calls ``handle`` on every item added, on the event loop's next turn, in arrival order,
+    then ``done`` once for the batch."""
 
-    def __init__(self, handle: Callable[[T], None]) -> None:
+    def __init__(self, handle: Callable[[T], None], done: Callable[[], None] = lambda: None) -> None:
         self._handle = handle
+        self._done = done
         self._items: list[T] = []
 
     def add(self, item: T) -> None:
@@ -38,3 +40,4 @@ class AfterAnswers(Generic[T]):
             except Exception as exc:
                 # One item's bug must not cost the others their metrics and lines.
                 log.error("bookkeeping after an answer failed: %s", type(exc).__name__)
+        self._done()

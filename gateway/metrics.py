@@ -104,6 +104,7 @@ class Metrics:
         )
         self._revision: str | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._pending: dict[tuple[Any, tuple[str, ...]], float] = {}
         for route in ROUTES:
             self.request_duration.labels(route)
         for kind in UPSTREAM_ERRORS:
@@ -142,8 +143,21 @@ class Metrics:
             series = self._children[key] = metric.labels(*labels)
         return series
 
+    def count(self, counter: Any, labels: tuple[str, ...], amount: float = 1) -> None:
+        """Add to a counter series at the next ``flush``: the requests finished in one turn of
+        the event loop are added up first, one locked update per series instead of one each."""
+        key = (counter, labels)
+        self._pending[key] = self._pending.get(key, 0) + amount
+
+    def flush(self) -> None:
+        """Apply what ``count`` has gathered (after each batch of answers, and before a scrape)."""
+        pending, self._pending = self._pending, {}
+        for (counter, labels), amount in pending.items():
+            self.child(counter, *labels).inc(amount)
+
     def exposition(self) -> bytes:
         """The text format; with several workers, the sum (or max) over all of them."""
+        self.flush()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream

@@ -47,13 +47,13 @@ class Observer:
         self.metrics.load_ruleset(ruleset)
 
     def decision(self, decision: Decision, info: RequestInfo, matched: Matched) -> None:
-        self.metrics.child(self.metrics.decisions, decision.stage.value, decision.action.label).inc()
+        self.metrics.count(self.metrics.decisions, (decision.stage.value, decision.action.label))
         if decision.violations:
             self.violations(decision, decision.violations, info, matched)
 
     def stream_decision(self, stage: Stage, action: Action) -> None:
         """A streamed answer counts as one decision, its strongest action, when it ends."""
-        self.metrics.child(self.metrics.decisions, stage.value, action.label).inc()
+        self.metrics.count(self.metrics.decisions, (stage.value, action.label))
 
     def violations(
         self, decision: Decision, violations: Iterable[Violation], info: RequestInfo, matched: Matched
@@ -85,8 +85,8 @@ class Observer:
 
     def tokens(self, record: UsageRecord) -> None:
         metrics, workspace = self.metrics, self.metrics.workspace(record.workspace)
-        metrics.child(metrics.tokens, "prompt", record.source, *workspace).inc(record.prompt_tokens)
-        metrics.child(metrics.tokens, "response", record.source, *workspace).inc(record.response_tokens)
+        metrics.count(metrics.tokens, ("prompt", record.source, *workspace), record.prompt_tokens)
+        metrics.count(metrics.tokens, ("response", record.source, *workspace), record.response_tokens)
 
     def request_completed(self, fields: dict[str, Any]) -> None:
         events().info("request.completed", **fields)

@@ -140,7 +140,7 @@ def completed(finished: Finished) -> None:
     request, info, status, elapsed = finished
     state = request.app[STATE]
     metrics = state.observer.metrics
-    metrics.child(metrics.requests, info.route, str(status)).inc()
+    metrics.count(metrics.requests, (info.route, str(status)))
     metrics.child(metrics.request_duration, info.route).observe(elapsed)
     if info.prompt_own is not None:
         metrics.child(metrics.overhead, "prompt").observe(info.prompt_own)

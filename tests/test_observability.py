@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.alerts import AlertConfig, WebhookSink
 from gateway.audit import configure_logging, events, fingerprint, user_id
+from gateway.metrics import Metrics
 from gateway.policy import BUILTIN_POLICY_DIR
 from tests.proxy_fixtures import start_gateway, start_upstream
 
@@ -259,3 +260,18 @@ async def test_a_client_request_id_is_kept_unless_a_block_rule_catches_it(aiohtt
     assert len(ids[1]) == 32
     assert CANARY_BLOCK not in logged
     configure_logging("json", io.StringIO())
+
+
+def test_counts_gathered_in_a_batch_add_up_in_the_exposition() -> None:
+    """Counts gathered with ``count`` are applied once, summed, and a scrape never misses them."""
+    metrics = Metrics()
+    metrics.count(metrics.requests, ("prompt", "200"))
+    metrics.count(metrics.requests, ("prompt", "200"), 2)
+    metrics.count(metrics.requests, ("messages", "502"))
+    text = metrics.exposition().decode()
+    assert 'policy_gateway_requests_total{route="prompt",status="200"} 3.0' in text
+    assert 'policy_gateway_requests_total{route="messages",status="502"} 1.0' in text
+    metrics.count(metrics.requests, ("prompt", "200"))
+    metrics.flush()
+    metrics.flush()
+    assert 'policy_gateway_requests_total{route="prompt",status="200"} 4.0' in metrics.exposition().decode()

@@ -142,6 +142,7 @@ class Accountant:
             # The store buffers its own outages; anything else is a bug, logged by type only.
             log.error("usage record failed: %s", type(exc).__name__)
         finally:
+            self.observer.metrics.flush()
             for exchange, completed in batch:
                 exchange.ticket.release()
                 self.observer.request_completed(completed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -56,15 +56,16 @@ async def session(app: web.Application) -> AsyncIterator[None]:
     await app[SESSION].close()
 
 
-def main() -> None:
+def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
+    """Serve ``handler`` for every path on ``sys.argv[1]``, forwarding to ``sys.argv[2]``."""
     app = web.Application()
     app[UPSTREAM] = sys.argv[2].rstrip("/")
     app.cleanup_ctx.append(session)
-    app.router.add_route("*", "/{tail:.*}", forward)
+    app.router.add_route("*", "/{tail:.*}", handler)
     settle_heap()  # the gateway's garbage collector settings, so that only the work differs
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=loop)
 
 
 if __name__ == "__main__":
-    main()
+    serve(forward)

@@ -4,9 +4,10 @@
 
 Needs `wrk` (Debian: apt-get install wrk) and `redis-server` on the PATH. Starts on loopback,
 each as its own process: the upstream stand-in (bench/upstream.py), a bare aiohttp pass-through
-proxy (bench/bare_proxy.py: the limit of our stack), a redis-server, and three `gateway serve`
-processes: (a) no rules (bench/empty_policies), (b) the built-in pack, (c) the built-in pack
-counting usage in Redis (workspace from the X-Workspace-Id header, which every request sends).
+proxy (bench/bare_proxy.py: the limit of our stack), the same proxy reading and parsing both
+bodies as any inspecting gateway must (bench/inspecting_proxy.py), a redis-server, and three
+`gateway serve` processes: (a) no rules (bench/empty_policies), (b) the built-in pack, (c) the
+built-in pack counting usage in Redis (workspace from the X-Workspace-Id header, which every request sends).
 Every target must answer the 1 KB prompt with 200 and the upstream's body before anything is
 measured. Then wrk POSTs the prompt to /conversation/c1/prompt on each target, at 1 connection
 (1 thread) and at 32 connections (2 threads), round-robin over the cells for several rounds
@@ -244,13 +245,18 @@ def start_targets(args: argparse.Namespace, processes: list[subprocess.Popen[byt
     )
     processes.append(redis)
     upstream_url = f"http://127.0.0.1:{up_port}"
-    bare_port = free_port()
+    bare_port, inspecting_port = free_port(), free_port()
     bare = start([sys.executable, str(HERE / "bare_proxy.py"), str(bare_port), upstream_url])
     processes.append(bare)
+    inspecting = start(
+        [sys.executable, str(HERE / "inspecting_proxy.py"), str(inspecting_port), upstream_url]
+    )
+    processes.append(inspecting)
     with_redis = ["--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--workspace-header", WORKSPACE_HEADER]
     targets = [
         Target("upstream (direct)", up_port, upstream_process),
         Target("bare aiohttp proxy", bare_port, bare),
+        Target("inspecting proxy (reads, parses)", inspecting_port, inspecting),
         start_gateway("gateway, no rules", upstream_url, ["--policies", str(EMPTY_POLICIES), *workers]),
         start_gateway("gateway, pack", upstream_url, workers),
         start_gateway("gateway, pack + Redis", upstream_url, [*with_redis, *workers]),
@@ -264,7 +270,7 @@ def start_targets(args: argparse.Namespace, processes: list[subprocess.Popen[byt
         else:
             wait_until_up(target.process, target.port, "/", target.name)
         check_answers(target)
-    for target in targets[2:4]:
+    for target in targets[3:5]:
         assert target.admin_port is not None
         _, ready = request(target.admin_port, "GET", "/readyz")
         print(f"{target.name}: /readyz {ready.decode(errors='replace')}")

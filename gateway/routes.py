@@ -55,7 +55,8 @@ def _bad_request(message: str) -> web.Response:
 
 def intercepted_route(request: web.Request) -> tuple[str, str] | web.Response | None:
     """(route, conversation id) for an intercepted request, a 400 for a disguised one, or None."""
-    found = _classify(request.raw_path.split("?", 1)[0])
+    raw_path = request.raw_path.split("?", 1)[0]
+    found = _classify(raw_path) if len(raw_path) <= _MEMO_PATH else _classify.__wrapped__(raw_path)
     if found is None or request.method != _INTERCEPTED_METHOD[found[0]]:
         return None
     if not found[1]:
@@ -66,7 +67,11 @@ def intercepted_route(request: web.Request) -> tuple[str, str] | web.Response | 
 _DISGUISED = ""  # the conversation id _classify gives a disguised spelling of a route
 
 
-# Conversations see many requests each: the same paths recur. Bounded, as clients choose them.
+# Conversations see many requests each: the same paths recur. Clients choose them, so only
+# short ones are remembered, and only so many: at most about 1 MB.
+_MEMO_PATH = 256
+
+
 @functools.lru_cache(maxsize=4096)
 def _classify(raw_path: str) -> tuple[str, str] | None:
     """(route, conversation id) for a path that reaches an intercepted route, with the id

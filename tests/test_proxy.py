@@ -10,8 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, make_mocked_request
 
+from gateway import routes
 from tests.proxy_fixtures import Upstream, start_gateway, start_upstream
 
 KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -581,3 +582,20 @@ async def test_an_engine_failure_mid_stream_ends_the_stream(
     assert received.startswith(b"event: error\ndata: ")
     assert b"words" not in received
     assert json.loads(received.split(b"data: ", 1)[1])["error_code"] == "POLICY_EVALUATION_FAILED"
+
+
+def test_route_memo_keeps_only_short_paths() -> None:
+    """Paths are classified the same whether remembered or not; long ones are not remembered."""
+    long_id = "c" * (routes._MEMO_PATH + 10)
+    before = routes._classify.cache_info().currsize
+    long_request = make_mocked_request("POST", f"/conversation/{long_id}/prompt")
+    assert routes.intercepted_route(long_request) == ("prompt", long_id)
+    assert routes._classify.cache_info().currsize == before
+    disguised = make_mocked_request("POST", f"/conversation/{long_id}%2F..%2Fx/prompt")
+    answer = routes.intercepted_route(disguised)
+    assert isinstance(answer, web.Response)
+    assert answer.status == 400
+    short = make_mocked_request("POST", "/conversation/short-1/prompt")
+    assert routes.intercepted_route(short) == ("prompt", "short-1")
+    assert routes._classify.cache_info().currsize == before + 1
+    assert routes.intercepted_route(make_mocked_request("GET", "/conversation/short-1/prompt")) is None

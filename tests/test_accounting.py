@@ -15,10 +15,15 @@ from aiohttp.test_utils import TestServer
 
 from gateway.cli import main
 from gateway.config import Budget
+from gateway.metrics import Metrics
+from gateway.observe import Observer
 from gateway.state import GatewayState
+from gateway.usage.accounting import Accountant, Exchange
+from gateway.usage.quota import Ticket
 from gateway.usage.redis_store import RedisUsageStore
-from gateway.usage.store import Totals, UsageRecord
+from gateway.usage.store import Period, Totals, UsageRecord
 from gateway.usage.tokens import TokenCounter
+from gateway.usage.workspaces import Placement, Resolution
 from tests.proxy_fixtures import start_gateway, start_upstream
 
 WS = {"X-Workspace-Id": "ws-a"}
@@ -236,3 +241,25 @@ async def test_max_tokens_rules_count_with_the_requests_tokenizer(aiohttp_server
     async with aiohttp.ClientSession() as client:
         assert await _post(client, gateway, "c", short, {}, model="gpt-4o") == 200
         assert await _post(client, gateway, "c", long, {}, model="gpt-4o") == 403
+
+
+async def test_usage_a_quota_waits_for_is_written_without_lingering(clean_redis: Any) -> None:
+    """Near its budget a workspace admits one request at a time, holding a ticket until the
+    usage is recorded: such a record skips the store's linger, the others wait for it."""
+    store = RedisUsageStore(clean_redis.url, linger=2.0)
+    await store.start()
+    accountant = Accountant(store, TokenCounter(), Observer(Metrics()))
+    lock = asyncio.Lock()
+    await lock.acquire()
+    resolution = Resolution(Placement("ws-near"), "header")
+    started = asyncio.get_running_loop().time()
+    for ticket in (Ticket(), Ticket(lock)):
+        exchange = Exchange("c", resolution, None, "some prompt", ticket)
+        exchange.forwarded = True
+        accountant.settle(exchange, {"requestId": "r"})
+    while lock.locked():
+        assert asyncio.get_running_loop().time() - started < 1.0, "the held ticket waited for the linger"
+        await asyncio.sleep(0.01)
+    assert (await store.totals("ws-near", Period.DAY, datetime.now(UTC))).requests == 2
+    await accountant.drain()
+    await store.close()

@@ -341,6 +341,21 @@ async def test_records_finishing_within_the_linger_share_one_write(clean_redis: 
     await store.close()
 
 
+async def test_an_urgent_record_cuts_the_linger_short(clean_redis: RedisProcess) -> None:
+    """A record someone waits for (a quota near its end) goes at once, with those lingering."""
+    store = RedisUsageStore(clean_redis.url, linger=2.0)
+    await store.start()
+    started = time.monotonic()
+    lingering = asyncio.ensure_future(store.record(rec("lingering")))
+    await asyncio.sleep(0.05)
+    assert not lingering.done()
+    await store.record_many([rec("urgent")], urgent=True)
+    await lingering
+    assert time.monotonic() - started < 1.0
+    assert await store.conversation_totals("acme", "c1") == Totals(2, 2, 2)
+    await store.close()
+
+
 async def test_records_written_while_redis_is_stalled_are_flushed_when_it_resumes(
     persistent_redis: RedisProcess,
 ) -> None:

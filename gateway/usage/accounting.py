@@ -137,14 +137,18 @@ class Accountant:
                     "source": record.source,
                 }
                 records.append(record)
-            await self.store.record_many(records)
+            # Near its budget a workspace admits one request at a time: do not keep it waiting.
+            urgent = any(exchange.ticket.held for exchange, _ in batch)
+            await self.store.record_many(records, urgent=urgent)
         except Exception as exc:
             # The store buffers its own outages; anything else is a bug, logged by type only.
             log.error("usage record failed: %s", type(exc).__name__)
         finally:
-            self.observer.metrics.flush()
-            for exchange, completed in batch:
+            # Tickets first: whatever happens to a log line, no request stays queued behind one.
+            for exchange, _ in batch:
                 exchange.ticket.release()
+            self.observer.metrics.flush()
+            for _, completed in batch:
                 self.observer.request_completed(completed)
 
     async def drain(self) -> None:

@@ -77,7 +77,7 @@ class MemoryUsageStore:
         """Always: there is no backend to lose (the same property as the Redis store's)."""
         return True
 
-    async def record_many(self, records: Sequence[UsageRecord]) -> None:
+    async def record_many(self, records: Sequence[UsageRecord], *, urgent: bool = False) -> None:
         for record in records:
             await self.record(record)
 

@@ -32,6 +32,11 @@ class Ticket:
     def __init__(self, lock: asyncio.Lock | None = None) -> None:
         self._lock = lock
 
+    @property
+    def held(self) -> bool:
+        """Whether another request of the workspace waits for this one's usage to be recorded."""
+        return self._lock is not None
+
     def release(self) -> None:
         if self._lock is not None and self._lock.locked():
             self._lock.release()

@@ -68,7 +68,8 @@ CLOSE_FLUSH_SECONDS = 2.0
 # How long a write waits for more records to join it. A round trip costs the gateway about
 # 100 µs of CPU in redis-py whatever it carries, and under load a request finishes every few
 # hundred µs: without the wait most writes would carry one record. Records reach Redis this much
-# later; no answer waits for it (accounting runs after the answer is out).
+# later; no answer waits for it (accounting runs after the answer is out), and a record that
+# a quota close to its end waits for is written at once (``urgent``).
 LINGER = 0.002
 
 # ARGV[1..4]: the TTL of the marker, day, month and conversation keys. Then, for each record: its
@@ -159,6 +160,8 @@ class RedisUsageStore:
         # Told "buffered" or "dropped" for each record not written on the spot (for metrics).
         self._on_fallback = on_fallback
         self._linger = linger
+        self._urgent = False  # a record in the outbox is waited for: no lingering
+        self._lingering: asyncio.Future[None] | None = None
 
     @property
     def pending(self) -> int:
@@ -186,9 +189,13 @@ class RedisUsageStore:
     async def record(self, record: UsageRecord) -> None:
         await self.record_many((record,))
 
-    async def record_many(self, records: Sequence[UsageRecord]) -> None:
+    async def record_many(self, records: Sequence[UsageRecord], *, urgent: bool = False) -> None:
         if not records:
             return
+        if urgent:
+            self._urgent = True
+            if self._lingering is not None:
+                _resolve(self._lingering)
         if self._down or self._buffer:
             # Behind the buffer, to keep order, and without waiting on a Redis known to be down.
             for record in records:
@@ -205,9 +212,18 @@ class RedisUsageStore:
 
     async def _write_outbox(self) -> None:
         while self._outbox:
-            if self._linger > 0:
-                # Let the records of the next few requests join this write (see LINGER).
-                await asyncio.sleep(self._linger)
+            if self._linger > 0 and not self._urgent:
+                # Let the records of the next few requests join this write (see LINGER), unless
+                # an urgent one comes meanwhile.
+                loop = asyncio.get_running_loop()
+                self._lingering = loop.create_future()
+                timer = loop.call_later(self._linger, _resolve, self._lingering)
+                try:
+                    await self._lingering
+                finally:
+                    timer.cancel()
+                    self._lingering = None
+            self._urgent = False
             taken, size = 0, 0
             while taken < len(self._outbox) and (
                 taken == 0 or size + len(self._outbox[taken][0]) <= FLUSH_BATCH
@@ -449,6 +465,11 @@ class RedisUsageStore:
             log.warning("usage buffer has room again; %d records were dropped", self._burst)
             self._burst = 0
         return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _by_workspace(records: list[UsageRecord]) -> list[list[UsageRecord]]:

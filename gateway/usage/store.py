@@ -63,8 +63,9 @@ class UsageStore(Protocol):
     async def record(self, record: UsageRecord) -> None:
         """Count a record once, atomically; while the backend is down, buffer it (bounded)."""
 
-    async def record_many(self, records: Sequence[UsageRecord]) -> None:
-        """Count each record as :meth:`record` does, in one round trip where the backend allows."""
+    async def record_many(self, records: Sequence[UsageRecord], *, urgent: bool = False) -> None:
+        """Count each record as :meth:`record` does, in one round trip where the backend allows;
+        ``urgent``: someone waits for these (a quota close to its end), write without delay."""
 
     async def totals(self, workspace: str, period: Period, at: datetime) -> Totals:
         """The workspace's totals for the bucket of ``period`` that ``at`` falls in."""

@@ -4,8 +4,9 @@
 
 A variant is ``full`` or parts joined by ``+``, from: ``bookkeeping`` (everything after the
 answer: metrics, the request.completed line, token counts, the usage record), ``decisions``
-(both policy evaluations and what makes them visible), ``log``, ``metrics``, ``redis`` (the
-usage write), ``tokens``. Default: full, bookkeeping, bookkeeping+decisions, log, metrics,
+(both policy evaluations and what makes them visible), ``usage`` (all of accounting: token
+counts, the usage record and its write), ``log``, ``metrics``, ``redis`` (the usage write),
+``tokens``. Default: full, bookkeeping, bookkeeping+decisions, log, metrics,
 redis, tokens. Every gateway serves the built-in pack and counts usage in one redis-server; the
 bare proxy (bench/bare_proxy.py) is measured in the same rounds. wrk sends the 1 KB prompt of
 bench/http_load.py at 32 connections to each target in turn, for several rounds; the report is
@@ -31,12 +32,13 @@ import gateway.app
 import gateway.metrics
 import gateway.observe
 import gateway.routes
+import gateway.usage.accounting
 import gateway.usage.redis_store
 import gateway.usage.tokens
 from gateway.cli import main as gateway_main
 from gateway.policy import Action, Decision
 
-PARTS = ("bookkeeping", "decisions", "log", "metrics", "redis", "tokens")
+PARTS = ("bookkeeping", "decisions", "usage", "log", "metrics", "redis", "tokens")
 DEFAULT = ("full", "bookkeeping", "bookkeeping+decisions", "log", "metrics", "redis", "tokens")
 
 
@@ -48,6 +50,13 @@ def switch_off(parts: set[str]) -> None:
         gateway.routes.decide = gateway.answers.decide = (  # type: ignore[assignment]
             lambda request, stage, text, context: Decision(stage, Action.ALLOW, "ablation")
         )
+    if "usage" in parts:
+
+        def settle(self: Any, exchange: Any, completed: dict[str, Any]) -> None:
+            exchange.ticket.release()
+            self.observer.request_completed(completed)
+
+        gateway.usage.accounting.Accountant.settle = settle  # type: ignore[method-assign]
     if "log" in parts:
         gateway.observe.Observer.request_completed = lambda self, fields: None  # type: ignore[method-assign]
     if "metrics" in parts:
@@ -77,7 +86,8 @@ def measure(args: argparse.Namespace) -> None:
     processes: list[subprocess.Popen[bytes]] = []
     try:
         up, redis_port = load.free_port(), load.free_port()
-        processes.append(load.start([sys.executable, str(load.HERE / "upstream.py"), str(up)]))
+        upstream_process = load.start([sys.executable, str(load.HERE / "upstream.py"), str(up)])
+        processes.append(upstream_process)
         processes.append(
             load.start(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"])
         )
@@ -101,6 +111,7 @@ def measure(args: argparse.Namespace) -> None:
             processes.append(process)
             targets.append(load.Target(variant, port, process, admin_port=admin, is_gateway=True))
         load.wait_for_redis(processes[1], redis_port)
+        load.wait_until_up(upstream_process, up, "/", "upstream")
         for target in targets:
             path = "/healthz" if target.admin_port else "/"
             load.wait_until_up(target.process, target.admin_port or target.port, path, target.name)

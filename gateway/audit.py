@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import select
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -119,16 +121,19 @@ class UtcStamp:
 
 
 class EventLog:
-    """The gateway's own events through the configured chain, one ``write()`` a line.
+    """The gateway's own events through the configured chain, each line whole in one ``write()``.
 
     What structlog's bound logger does for an event, without its per-call wrapping: the
-    ``request.completed`` line is written for every request.
+    ``request.completed`` line is written for every request. Within ``held()`` the lines wait
+    and go out together at its end, in writes of at most ``PIPE_BUF`` bytes of whole lines
+    (atomic on a pipe, so workers sharing stdout never split one another's lines).
     """
 
     def __init__(self, processors: list[Any], out: TextIO, level: int) -> None:
         self._processors = processors
         self._out = out
         self._level = level
+        self._held: list[str] | None = None
 
     def info(self, name: str, **fields: Any) -> None:
         if self._level > logging.INFO:
@@ -136,8 +141,40 @@ class EventLog:
         event: Any = {"event": name, **fields}
         for processor in self._processors:
             event = processor(None, "info", event)
-        self._out.write(event + "\n")
+        line = event + "\n"
+        if self._held is not None:
+            self._held.append(line)
+            return
+        self._out.write(line)
         self._out.flush()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Lines logged inside go out together at the end (the batches after answers)."""
+        if self._held is not None:
+            yield
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            lines, self._held = self._held, None
+            self._write_together(lines)
+
+    def _write_together(self, lines: list[str]) -> None:
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            length = len(line) if line.isascii() else 4 * len(line)  # bytes, at most
+            if chunk and size + length > select.PIPE_BUF:
+                self._out.write("".join(chunk))
+                self._out.flush()
+                chunk, size = [], 0
+            chunk.append(line)
+            size += length
+        if chunk:
+            self._out.write("".join(chunk))
+            self._out.flush()
 
 
 def configure_logging(fmt: str = "json", stream: TextIO | None = None, level: int = logging.INFO) -> None:
@@ -185,6 +222,12 @@ class _Current:
 def events() -> EventLog | Any:
     """The gateway's event logger, as the last ``configure_logging`` set it up."""
     return _Current.events
+
+
+def held_events() -> contextlib.AbstractContextManager[None]:
+    """``events().held()`` once logging is configured; before that, nothing is held."""
+    current = _Current.events
+    return current.held() if isinstance(current, EventLog) else contextlib.nullcontext()
 
 
 def user_id(authorization: str | None) -> str | None:

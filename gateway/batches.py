@@ -14,6 +14,8 @@ import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from gateway.audit import held_events
+
 log = logging.getLogger("gateway.batches")
 T = TypeVar("T")
 
@@ -34,10 +36,11 @@ class AfterAnswers(Generic[T]):
 
     def _run(self) -> None:
         items, self._items = self._items, []
-        for item in items:
-            try:
-                self._handle(item)
-            except Exception as exc:
-                # One item's bug must not cost the others their metrics and lines.
-                log.error("bookkeeping after an answer failed: %s", type(exc).__name__)
+        with held_events():
+            for item in items:
+                try:
+                    self._handle(item)
+                except Exception as exc:
+                    # One item's bug must not cost the others their metrics and lines.
+                    log.error("bookkeeping after an answer failed: %s", type(exc).__name__)
         self._done()

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import re
+import select
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.alerts import AlertConfig, WebhookSink
-from gateway.audit import configure_logging, events, fingerprint, user_id
+from gateway.audit import configure_logging, events, fingerprint, held_events, user_id
 from gateway.metrics import Metrics
 from gateway.policy import BUILTIN_POLICY_DIR
 from tests.proxy_fixtures import start_gateway, start_upstream
@@ -275,3 +276,33 @@ def test_counts_gathered_in_a_batch_add_up_in_the_exposition() -> None:
     metrics.flush()
     metrics.flush()
     assert 'policy_gateway_requests_total{route="prompt",status="200"} 4.0' in metrics.exposition().decode()
+
+
+class _Writes(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_held_lines_go_out_together_in_whole_lines_of_at_most_pipe_buf() -> None:
+    """A batch's lines wait for the end of the batch, then go out in few writes, none of which
+    splits a line or exceeds PIPE_BUF (what a pipe writes atomically)."""
+    stream = _Writes()
+    configure_logging("json", stream)
+    with held_events():
+        for number in range(40):
+            events().info("request.completed", route="prompt", number=number)
+        with held_events():
+            events().info("request.completed", route="inner")
+        assert stream.writes == []
+    assert 1 < len(stream.writes) < 41
+    assert all(len(text.encode()) <= select.PIPE_BUF and text.endswith("\n") for text in stream.writes)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line.get("number") for line in lines] == [*range(40), None]
+    events().info("request.completed", route="alone")
+    assert stream.writes[-1].count("\n") == 1
+    configure_logging("json", io.StringIO())

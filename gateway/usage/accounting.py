@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.audit import held_events
 from gateway.ids import new_id
 from gateway.observe import Observer
 from gateway.usage.quota import Ticket
@@ -148,8 +149,9 @@ class Accountant:
             for exchange, _ in batch:
                 exchange.ticket.release()
             self.observer.metrics.flush()
-            for _, completed in batch:
-                self.observer.request_completed(completed)
+            with held_events():
+                for _, completed in batch:
+                    self.observer.request_completed(completed)
 
     async def drain(self) -> None:
         """Wait for every scheduled record (at shutdown)."""

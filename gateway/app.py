@@ -50,6 +50,8 @@ async def _usage(app: web.Application) -> AsyncIterator[None]:
     await state.store.start()
     yield
     # Every answered request's usage is recorded, then flushed, before the store closes.
+    # Requests that finished in this very turn of the loop are handed to accounting first.
+    app[AFTER_ANSWERS].flush()
     await state.accountant.drain()
     await state.store.close()
 

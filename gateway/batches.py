@@ -35,6 +35,11 @@ class AfterAnswers(Generic[T]):
             asyncio.get_running_loop().call_soon(self._run)
 
     def _run(self) -> None:
+        if self._items:
+            self.flush()
+
+    def flush(self) -> None:
+        """Handle what is pending now (at shutdown, before usage is drained)."""
         items, self._items = self._items, []
         with held_events():
             for item in items:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.audit import held_events
 from gateway.ids import new_id
 from gateway.observe import Observer
 from gateway.usage.quota import Ticket
@@ -72,29 +71,48 @@ def reported_usage(payload: Any) -> tuple[int | None, int | None]:
 
 
 class Accountant:
-    """Counts and records exchanges in the background, so no answer waits for accounting.
+    """Counts and records exchanges after their answers are out, so no answer waits for it.
 
-    Exchanges that finish while a batch is being recorded wait for the next batch: under load
-    one background run counts, records (one store round trip) and logs many of them, rather than
-    a task, a future and a round trip each.
+    Each exchange is counted when its request's bookkeeping runs (after the answer), and its
+    ``request.completed`` line logged with the counts; the records of one turn of the event loop
+    go to the store together, in one write. A request near its workspace's budget holds a ticket
+    that is released only once its record is in the store.
     """
 
     def __init__(self, store: UsageStore, counter: TokenCounter, observer: Observer) -> None:
         self.store = store
         self.counter = counter
         self.observer = observer
-        self._queue: list[tuple[Exchange, dict[str, Any]]] = []
-        self._runner: asyncio.Task[None] | None = None
+        self._records: list[UsageRecord] = []
+        self._tickets: list[Ticket] = []
+        self._writes: set[asyncio.Future[None]] = set()
 
     def settle(self, exchange: Exchange, completed: dict[str, Any]) -> None:
-        """Count and record the exchange in the background, then log ``request.completed``."""
+        """Count the exchange, log ``request.completed``, and send its record to the store."""
         if not exchange.forwarded:
             exchange.ticket.release()
             self.observer.request_completed(completed)
             return
-        self._queue.append((exchange, completed))
-        if self._runner is None:
-            self._runner = asyncio.get_running_loop().create_task(self._run())
+        try:
+            record = self.record_of(exchange)
+        except Exception as exc:
+            # A bug, logged by type only (the text counted is a prompt): the rest still count.
+            log.error("usage record failed: %s", type(exc).__name__)
+            exchange.ticket.release()
+            self.observer.request_completed(completed)
+            return
+        self.observer.tokens(record)
+        completed["tokens"] = {
+            "prompt": record.prompt_tokens,
+            "response": record.response_tokens,
+            "source": record.source,
+        }
+        self.observer.request_completed(completed)
+        if not self._records:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._records.append(record)
+        if exchange.ticket.held:
+            self._tickets.append(exchange.ticket)
 
     def record_of(self, exchange: Exchange) -> UsageRecord:
         prompt, response = exchange.reported_prompt, exchange.reported_response
@@ -113,47 +131,32 @@ class Accountant:
             at=exchange.at,
         )
 
-    async def _run(self) -> None:
+    def flush(self) -> None:
+        """Send what is gathered to the store, as one write (then release its tickets)."""
+        records, self._records = self._records, []
+        tickets, self._tickets = self._tickets, []
+        self.observer.metrics.flush()
+        if not records:
+            return
         try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                await self._record(batch)
-        finally:
-            self._runner = None
-
-    async def _record(self, batch: list[tuple[Exchange, dict[str, Any]]]) -> None:
-        records: list[UsageRecord] = []
-        try:
-            for exchange, completed in batch:
-                try:
-                    record = self.record_of(exchange)
-                except Exception as exc:
-                    # A bug, logged by type only (the text counted is a prompt): the rest still count.
-                    log.error("usage record failed: %s", type(exc).__name__)
-                    continue
-                self.observer.tokens(record)
-                completed["tokens"] = {
-                    "prompt": record.prompt_tokens,
-                    "response": record.response_tokens,
-                    "source": record.source,
-                }
-                records.append(record)
             # Near its budget a workspace admits one request at a time: do not keep it waiting.
-            urgent = any(exchange.ticket.held for exchange, _ in batch)
-            await self.store.record_many(records, urgent=urgent)
+            written = self.store.submit(records, urgent=bool(tickets))
         except Exception as exc:
             # The store buffers its own outages; anything else is a bug, logged by type only.
             log.error("usage record failed: %s", type(exc).__name__)
-        finally:
-            # Tickets first: whatever happens to a log line, no request stays queued behind one.
-            for exchange, _ in batch:
-                exchange.ticket.release()
-            self.observer.metrics.flush()
-            with held_events():
-                for _, completed in batch:
-                    self.observer.request_completed(completed)
+            _release(tickets)
+            return
+        self._writes.add(written)
+        written.add_done_callback(self._writes.discard)
+        written.add_done_callback(lambda _: _release(tickets))
 
     async def drain(self) -> None:
-        """Wait for every scheduled record (at shutdown)."""
-        while self._runner is not None:
-            await asyncio.shield(self._runner)
+        """Send what is gathered and wait until the store has taken it (at shutdown)."""
+        self.flush()
+        while self._writes:
+            await asyncio.shield(asyncio.gather(*self._writes, return_exceptions=True))
+
+
+def _release(tickets: list[Ticket]) -> None:
+    for ticket in tickets:
+        ticket.release()

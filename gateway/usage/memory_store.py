@@ -8,6 +8,7 @@ written longest ago forgotten first. Day and month buckets are kept: at most two
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -78,10 +79,19 @@ class MemoryUsageStore:
         return True
 
     async def record_many(self, records: Sequence[UsageRecord], *, urgent: bool = False) -> None:
+        await self.submit(records, urgent=urgent)
+
+    def submit(self, records: Sequence[UsageRecord], *, urgent: bool = False) -> asyncio.Future[None]:
         for record in records:
-            await self.record(record)
+            self._count(record)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def record(self, record: UsageRecord) -> None:
+        self._count(record)
+
+    def _count(self, record: UsageRecord) -> None:
         now = self._clock()
         self._forget_ids(now)
         marker = (record.workspace, record.id)

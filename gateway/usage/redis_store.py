@@ -190,8 +190,15 @@ class RedisUsageStore:
         await self.record_many((record,))
 
     async def record_many(self, records: Sequence[UsageRecord], *, urgent: bool = False) -> None:
+        # Shielded: a caller that gives up does not stop the write; it lands or is buffered.
+        await asyncio.shield(self.submit(records, urgent=urgent))
+
+    def submit(self, records: Sequence[UsageRecord], *, urgent: bool = False) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
         if not records:
-            return
+            done.set_result(None)
+            return done
         if urgent:
             self._urgent = True
             if self._lingering is not None:
@@ -200,15 +207,14 @@ class RedisUsageStore:
             # Behind the buffer, to keep order, and without waiting on a Redis known to be down.
             for record in records:
                 self._enqueue(record)
-            return
+            done.set_result(None)
+            return done
         # Records that arrive within the linger, or while a write is under way, go together: one
         # round trip for many requests under load, still one atomic update per record.
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._outbox.append((records, done))
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write_outbox())
-        # Shielded: a caller that gives up does not stop the write; it lands or is buffered.
-        await asyncio.shield(done)
+            self._writer = loop.create_task(self._write_outbox())
+        return done
 
     async def _write_outbox(self) -> None:
         while self._outbox:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ class UsageStore(Protocol):
     async def record_many(self, records: Sequence[UsageRecord], *, urgent: bool = False) -> None:
         """Count each record as :meth:`record` does, in one round trip where the backend allows;
         ``urgent``: someone waits for these (a quota close to its end), write without delay."""
+
+    def submit(self, records: Sequence[UsageRecord], *, urgent: bool = False) -> asyncio.Future[None]:
+        """Start :meth:`record_many` without waiting: the future is done once the records are
+        counted, buffered or dropped; it never fails."""
 
     async def totals(self, workspace: str, period: Period, at: datetime) -> Totals:
         """The workspace's totals for the bucket of ``period`` that ``at`` falls in."""

@@ -145,8 +145,7 @@ class EventLog:
         if self._held is not None:
             self._held.append(line)
             return
-        self._out.write(line)
-        self._out.flush()
+        self._write(line)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -167,14 +166,16 @@ class EventLog:
         for line in lines:
             length = len(line) if line.isascii() else 4 * len(line)  # bytes, at most
             if chunk and size + length > select.PIPE_BUF:
-                self._out.write("".join(chunk))
-                self._out.flush()
+                self._write("".join(chunk))
                 chunk, size = [], 0
             chunk.append(line)
             size += length
         if chunk:
-            self._out.write("".join(chunk))
-            self._out.flush()
+            self._write("".join(chunk))
+
+    def _write(self, text: str) -> None:
+        self._out.write(text)
+        self._out.flush()
 
 
 def configure_logging(fmt: str = "json", stream: TextIO | None = None, level: int = logging.INFO) -> None:

@@ -7,7 +7,6 @@ forget the rule that matched text never leaves the gateway.
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -112,15 +111,3 @@ def _alert(violation: Violation, event: dict[str, Any], info: RequestInfo) -> Al
         fingerprints=tuple(event["fingerprints"]),
         at=datetime.now(UTC),
     )
-
-
-class Stopwatch:
-    """Splits a request's time into the gateway's own and the upstream's."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.upstream = 0.0
-        self.response_own = 0.0
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started

@@ -270,16 +270,8 @@ async def test_a_record_is_one_command(clean_redis: RedisProcess) -> None:
     name = "usage-store-under-test"
     store = RedisUsageStore(f"{clean_redis.url}?client_name={name}")
     await store.record(rec("warm-up"))  # connects and loads the script
-    with clean_redis.client() as client:
-        client.config_set("slowlog-log-slower-than", 0)  # log every command, with its client
-        client.slowlog_reset()
-        try:
-            await store.record(rec("counted"))
-            entries = client.slowlog_get(128)
-        finally:
-            client.config_set("slowlog-log-slower-than", 10_000)
+    mine = await commands_sent(clean_redis, name, store.record(rec("counted")))
     await store.close()
-    mine = [_text(entry["command"]).split()[0] for entry in entries if _text(entry["client_name"]) == name]
     assert mine == ["EVALSHA"]
 
 
@@ -298,14 +290,7 @@ async def test_many_records_are_one_command_and_a_refused_one_costs_only_itself(
     ]
     with clean_redis.client() as client:
         client.set("pgw:{acme}:d:2026-02-02", "not a hash")
-        client.config_set("slowlog-log-slower-than", 0)
-        client.slowlog_reset()
-        try:
-            await store.record_many(batch)
-            entries = client.slowlog_get(128)
-        finally:
-            client.config_set("slowlog-log-slower-than", 10_000)
-    mine = [_text(entry["command"]).split()[0] for entry in entries if _text(entry["client_name"]) == name]
+    mine = await commands_sent(clean_redis, name, store.record_many(batch))
     assert mine == ["EVALSHA"]
     assert (store.pending, store.dropped) == (0, 1)
     assert await store.totals("acme", DAY, at(2, 1)) == Totals(7, 2, 2)
@@ -327,15 +312,7 @@ async def test_records_finishing_within_the_linger_share_one_write(clean_redis: 
             await asyncio.sleep(0.002)
         await asyncio.gather(*writes)
 
-    with clean_redis.client() as client:
-        client.config_set("slowlog-log-slower-than", 0)
-        client.slowlog_reset()
-        try:
-            await one_after_another()
-            entries = client.slowlog_get(128)
-        finally:
-            client.config_set("slowlog-log-slower-than", 10_000)
-    mine = [_text(entry["command"]).split()[0] for entry in entries if _text(entry["client_name"]) == name]
+    mine = await commands_sent(clean_redis, name, one_after_another())
     assert mine == ["EVALSHA"]
     assert await store.conversation_totals("acme", "c1") == Totals(10, 10, 10)
     await store.close()
@@ -482,6 +459,21 @@ async def test_reads_fail_fast_when_nothing_listens() -> None:
     assert await timed(read_fails(store.totals("acme", MONTH, at(2, 1)))) < 0.01
     assert not store.healthy
     await store.close()
+
+
+async def commands_sent(server: RedisProcess, client_name: str, work: Awaitable[object]) -> list[str]:
+    """The commands the client named ``client_name`` sent Redis while ``work`` ran."""
+    with server.client() as client:
+        client.config_set("slowlog-log-slower-than", 0)  # log every command, with its client
+        client.slowlog_reset()
+        try:
+            await work
+            entries = client.slowlog_get(128)
+        finally:
+            client.config_set("slowlog-log-slower-than", 10_000)
+    return [
+        _text(entry["command"]).split()[0] for entry in entries if _text(entry["client_name"]) == client_name
+    ]
 
 
 def _text(value: str | bytes) -> str:

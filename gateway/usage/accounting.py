@@ -135,7 +135,6 @@ class Accountant:
         """Send what is gathered to the store, as one write (then release its tickets)."""
         records, self._records = self._records, []
         tickets, self._tickets = self._tickets, []
-        self.observer.metrics.flush()
         if not records:
             return
         try:

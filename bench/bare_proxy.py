@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
@@ -56,11 +56,16 @@ async def session(app: web.Application) -> AsyncIterator[None]:
     await app[SESSION].close()
 
 
-def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
-    """Serve ``handler`` for every path on ``sys.argv[1]``, forwarding to ``sys.argv[2]``."""
+def serve(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    contexts: Iterable[Callable[[web.Application], AsyncIterator[None]]] = (),
+) -> None:
+    """Serve ``handler`` for every path on ``sys.argv[1]``, forwarding to ``sys.argv[2]``
+    (``contexts``: more of the app's cleanup contexts)."""
     app = web.Application()
     app[UPSTREAM] = sys.argv[2].rstrip("/")
     app.cleanup_ctx.append(session)
+    app.cleanup_ctx.extend(contexts)
     app.router.add_route("*", "/{tail:.*}", handler)
     settle_heap()  # the gateway's garbage collector settings, so that only the work differs
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()

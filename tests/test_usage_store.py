@@ -275,6 +275,19 @@ async def test_a_record_is_one_command(clean_redis: RedisProcess) -> None:
     assert mine == ["EVALSHA"]
 
 
+async def test_replies_are_parsed_by_hiredis(clean_redis: RedisProcess) -> None:
+    """The usage store's connections parse Redis's replies in C (hiredis, a declared
+    dependency), not with redis-py's Python parser."""
+    store = RedisUsageStore(clean_redis.url)
+    await store.start()
+    connection = await store._client.connection_pool.get_connection()  # type: ignore[union-attr]
+    try:
+        assert type(connection._parser).__name__ == "_AsyncHiredisParser"
+    finally:
+        await store._client.connection_pool.release(connection)  # type: ignore[union-attr]
+        await store.close()
+
+
 async def test_many_records_are_one_command_and_a_refused_one_costs_only_itself(
     clean_redis: RedisProcess, caplog: pytest.LogCaptureFixture
 ) -> None:

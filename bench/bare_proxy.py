@@ -6,12 +6,16 @@ One pooled ClientSession (the gateway's defaults: 100 connections, no decompress
 cookies); the method, raw path, headers and body go to the upstream and the answer streams
 back. No policies, no usage, no logging, no metrics: what is left is aiohttp's own cost. It
 runs on the gateway's event loop (uvloop when installed) with the gateway's garbage collector
-settings, both from gateway/runtime.py.
+settings, both from gateway/runtime.py. ``BENCH_WORKERS=N`` in the environment runs N processes
+on the port (SO_REUSEPORT), as ``gateway serve --workers N`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
@@ -28,6 +32,7 @@ except ImportError:  # the gateway falls back to asyncio's loop too
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host"})
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
+PR_SET_PDEATHSIG = 1
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -67,9 +72,23 @@ def serve(
     app.cleanup_ctx.append(session)
     app.cleanup_ctx.extend(contexts)
     app.router.add_route("*", "/{tail:.*}", handler)
+    workers = int(os.environ.get("BENCH_WORKERS", "1"))
+    for _ in range(workers - 1):
+        if os.fork() == 0:
+            # The benchmark stops the first process; the others go with it.
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            break
     settle_heap()  # the gateway's garbage collector settings, so that only the work differs
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=loop)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        access_log=None,
+        print=None,
+        loop=loop,
+        reuse_port=workers > 1,
+    )
 
 
 if __name__ == "__main__":

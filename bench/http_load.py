@@ -197,8 +197,10 @@ def run_wrk(script: Path, target: Target, connections: int, threads: int, second
     return result
 
 
-def start(command: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(command: list[str], workers: int | None = None) -> subprocess.Popen[bytes]:
+    """``workers``: processes of a bench proxy (BENCH_WORKERS; see bench/bare_proxy.py)."""
+    env = None if workers is None else {**os.environ, "BENCH_WORKERS": str(workers)}
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
 def gateway_supports_workers() -> bool:
@@ -248,13 +250,16 @@ def start_targets(args: argparse.Namespace, processes: list[subprocess.Popen[byt
     upstream_url = f"http://127.0.0.1:{up_port}"
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     bare_port, inspecting_port, floor_port = free_port(), free_port(), free_port()
-    bare = start([sys.executable, str(HERE / "bare_proxy.py"), str(bare_port), upstream_url])
+    # With --workers, the proxies run as many processes as each gateway: like against like.
+    bare = start([sys.executable, str(HERE / "bare_proxy.py"), str(bare_port), upstream_url], args.workers)
     processes.append(bare)
     inspecting = start(
-        [sys.executable, str(HERE / "inspecting_proxy.py"), str(inspecting_port), upstream_url]
+        [sys.executable, str(HERE / "inspecting_proxy.py"), str(inspecting_port), upstream_url], args.workers
     )
     processes.append(inspecting)
-    floor = start([sys.executable, str(HERE / "floor_proxy.py"), str(floor_port), upstream_url, redis_url])
+    floor = start(
+        [sys.executable, str(HERE / "floor_proxy.py"), str(floor_port), upstream_url, redis_url], args.workers
+    )
     processes.append(floor)
     with_redis = ["--redis-url", redis_url, "--workspace-header", WORKSPACE_HEADER]
     targets = [
@@ -392,7 +397,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over every cell (3)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of the warm-up run per target (3)")
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s runs, 1 s warm-up")
-    parser.add_argument("--workers", type=int, help="worker processes per gateway, if gateway serve has it")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="processes per gateway (gateway serve --workers) and per bench proxy (BENCH_WORKERS)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration, args.rounds, args.warmup = 3.0, 1, 1.0

@@ -72,11 +72,14 @@ def serve(
     app.cleanup_ctx.append(session)
     app.cleanup_ctx.extend(contexts)
     app.router.add_route("*", "/{tail:.*}", handler)
-    workers = int(os.environ.get("BENCH_WORKERS", "1"))
+    workers, first = int(os.environ.get("BENCH_WORKERS", "1")), os.getpid()
     for _ in range(workers - 1):
         if os.fork() == 0:
-            # The benchmark stops the first process; the others go with it.
+            # The benchmark stops the first process; the others go with it (or now, if it has
+            # already gone).
             ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != first:
+                sys.exit(0)
             break
     settle_heap()  # the gateway's garbage collector settings, so that only the work differs
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()

@@ -115,8 +115,10 @@ def request(port: int, method: str, path: str, body: str | None = None) -> tuple
         connection.close()
 
 
-def wait_until_up(process: subprocess.Popen[bytes], port: int, path: str, name: str) -> None:
-    for _ in range(300):
+def wait_until_up(
+    process: subprocess.Popen[bytes], port: int, path: str, name: str, seconds: float = 15
+) -> None:
+    for _ in range(int(seconds / 0.05)):
         if process.poll() is not None:
             raise SystemExit(f"{name} exited with status {process.returncode} before answering")
         try:
@@ -219,13 +221,13 @@ def start_gateway(name: str, upstream: str, extra: list[str]) -> Target:
     return Target(name, port, process, admin_port=admin, is_gateway=True)
 
 
-def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+def stop(processes: list[subprocess.Popen[bytes]], timeout: float = 10) -> None:
     for process in processes:
         if process.poll() is None:
             process.terminate()
     for process in processes:
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

@@ -19,11 +19,10 @@ target serves about 100 requests a second, so this takes about 40 s a target.
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import http_load as load
@@ -42,21 +41,6 @@ def command(target: str, port: int, admin: int, upstream: str, redis_url: str) -
     ]  # fmt: skip
 
 
-def wrk(script: Path, port: int, seconds: float) -> dict[str, float]:
-    completed = subprocess.run(
-        ["wrk", "-t1", "-c32", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(script),
-         f"http://127.0.0.1:{port}{load.ROUTE}"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("WRK_RESULT ")]
-    if not lines:
-        raise SystemExit(f"wrk failed:\n{completed.stdout}\n{completed.stderr}")
-    result: dict[str, float] = json.loads(lines[-1].removeprefix("WRK_RESULT "))
-    if result["status_errors"] or not result["requests"]:
-        raise SystemExit(f"non-2xx answers or none at all: {result}")
-    return result
-
-
 def count(target: str, upstream: str, redis_url: str, script: Path, seconds: float, scratch: str) -> float:
     """Instructions per request of ``target`` under callgrind."""
     port, admin = load.free_port(), load.free_port()
@@ -68,26 +52,15 @@ def count(target: str, upstream: str, redis_url: str, script: Path, seconds: flo
     )  # fmt: skip
     try:
         health = (admin, "/healthz") if target not in PROXIES else (port, "/")
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                load.request(health[0], "GET", health[1])
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"{target} did not come up under valgrind") from None
-                time.sleep(0.5)
-        wrk(script, port, 5)  # warm-up: connections, caches, the first Redis calls
+        load.wait_until_up(process, *health, target, seconds=300)  # valgrind starts slowly
+        measured = load.Target(target, port, process)
+        load.run_wrk(script, measured, 32, 1, 5)  # warm-up: connections, caches, the first Redis calls
         subprocess.run(["callgrind_control", "-i", "on", str(process.pid)], capture_output=True, check=True)
-        requests = wrk(script, port, seconds)["requests"]
+        requests = load.run_wrk(script, measured, 32, 1, seconds)["requests"]
         subprocess.run(["callgrind_control", "-i", "off", str(process.pid)], capture_output=True, check=True)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        # Callgrind writes its counts as the process exits, which takes a while.
+        load.stop([process], timeout=300)
     totals = [
         int(line.split()[1])
         for path in Path(scratch).glob(f"{out.name}*")
@@ -106,7 +79,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds counted per target (20)")
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control", "wrk", "redis-server"):
-        if subprocess.run(["which", tool], capture_output=True, check=False).returncode:
+        if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found (Debian: apt-get install valgrind wrk redis-server)")
     processes: list[subprocess.Popen[bytes]] = []
     try:

@@ -21,6 +21,7 @@ from gateway.flashback import (
     extract_texts,
     withheld_notice,
 )
+from gateway.observe import Where
 from gateway.policy import Action, Context, Decision, Stage, evaluate
 from gateway.proxy import json_response, response_headers, stream_back
 from gateway.state import STATE, GatewayState
@@ -42,8 +43,13 @@ class EvaluationFailed(Exception):
     """The engine raised: the text was not evaluated, so it is refused (fail closed)."""
 
 
-def decide(request: web.Request, stage: Stage, text: str, context: Context) -> Decision:
-    """Evaluate, and make the decision visible (metrics, audit, alerts); fail closed on error."""
+def decide(
+    request: web.Request, stage: Stage, text: str, context: Context, where: Where | None = None
+) -> Decision:
+    """Evaluate, and make the decision visible (metrics, audit, alerts); fail closed on error.
+
+    ``where`` names the place in the message (a JSON path) of an offset of ``text``.
+    """
     state = request.app[STATE]
     info = request.get(INFO) or RequestInfo()
     started = time.perf_counter()
@@ -57,7 +63,7 @@ def decide(request: web.Request, stage: Stage, text: str, context: Context) -> D
         raise EvaluationFailed from None
     if stage is Stage.RESPONSE:
         info.response_own += time.perf_counter() - started
-    state.observer.decision(decision, info, lambda start, end: text[start:end])
+    state.observer.decision(decision, info, lambda start, end: text[start:end], where)
     _note_action(info, decision.action)
     return decision
 

@@ -39,6 +39,7 @@ _OWN_KEYS = frozenset({
     "event", "level", "timestamp", "logger", "policyId", "policyName", "severity", "action", "mode",
     "stage", "decision", "route", "method", "revision", "decisionId", "fingerprints", "requestId",
     "status", "pid", "durationMs", "upstreamMs", "tokens", "offsets", "length", "block", "wouldBlock",
+    "paths",
 })  # fmt: skip
 REDACTED = "[redacted]"
 
@@ -281,11 +282,12 @@ def violation_event(
     info: RequestInfo,
     matched: Callable[[int, int], str | None],
     key: bytes,
+    where: Callable[[int], str] | None = None,
 ) -> dict[str, Any]:
     """The audit record of one violation; field names follow the backend's where they overlap."""
     spans = [(s.start, s.end) for s in violation.spans]
     texts = [matched(start, end) for start, end in spans]
-    return {
+    event = {
         "decisionId": decision_id,
         "requestId": info.request_id,
         "revision": decision.revision,
@@ -305,6 +307,10 @@ def violation_event(
         "length": sum(end - start for start, end in spans),
         "fingerprints": [fingerprint(key, text)[:32] for text in texts if text is not None],
     }
+    if where is not None:
+        # Where in the message each match fell (JSON paths that name plain-word keys only).
+        event["paths"] = list(dict.fromkeys(where(start) for start, _ in spans))
+    return event
 
 
 class AuditFile:

@@ -17,7 +17,11 @@ def loads(data: bytes | str) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(data)
+        try:
+            return json.loads(data)
+        except RecursionError:
+            # SECURITY: nesting deep enough to exhaust the stack is refused as not JSON.
+            raise ValueError("JSON nested too deeply") from None
 
 
 def dumps(value: Any) -> bytes:

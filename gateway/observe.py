@@ -23,6 +23,7 @@ from gateway.usage.store import UsageRecord
 log = structlog.get_logger("gateway")
 
 Matched = Callable[[int, int], str | None]
+Where = Callable[[int], str]
 
 
 class Observer:
@@ -45,17 +46,24 @@ class Observer:
     def ruleset(self, ruleset: RuleSet) -> None:
         self.metrics.load_ruleset(ruleset)
 
-    def decision(self, decision: Decision, info: RequestInfo, matched: Matched) -> None:
+    def decision(
+        self, decision: Decision, info: RequestInfo, matched: Matched, where: Where | None = None
+    ) -> None:
         self.metrics.count(self.metrics.decisions, (decision.stage.value, decision.action.label))
         if decision.violations:
-            self.violations(decision, decision.violations, info, matched)
+            self.violations(decision, decision.violations, info, matched, where)
 
     def stream_decision(self, stage: Stage, action: Action) -> None:
         """A streamed answer counts as one decision, its strongest action, when it ends."""
         self.metrics.count(self.metrics.decisions, (stage.value, action.label))
 
     def violations(
-        self, decision: Decision, violations: Iterable[Violation], info: RequestInfo, matched: Matched
+        self,
+        decision: Decision,
+        violations: Iterable[Violation],
+        info: RequestInfo,
+        matched: Matched,
+        where: Where | None = None,
     ) -> None:
         decision_id = new_id()
         workspace = self.metrics.workspace(info.workspace or "unresolved")
@@ -64,7 +72,7 @@ class Observer:
                 violation.rule_id, violation.action.label, violation.mode.value,
                 violation.stage.value, violation.severity.value, *workspace,
             ).inc()  # fmt: skip
-            event = violation_event(violation, decision, decision_id, info, matched, self.key)
+            event = violation_event(violation, decision, decision_id, info, matched, self.key, where)
             log.info("policy.violation", **event)
             if self.audit_file is not None:
                 self.audit_file.write({"event": "policy.violation", "timestamp": _now(), **event})

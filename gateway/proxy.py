@@ -11,8 +11,10 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.flashback import error_body
+from gateway.flashback import UPSTREAM_TIMEOUT, UPSTREAM_UNREACHABLE, error_body
+from gateway.request_body import InspectedRequest
 from gateway.state import STATE
+from gateway.target import TARGET, Refusal, classify
 
 log = logging.getLogger("gateway.proxy")
 
@@ -58,16 +60,39 @@ def _upstream(upstream: str) -> tuple[str, str]:
 
 
 def upstream_url(request: web.Request, upstream: str) -> URL:
-    # The raw path and query, as the client sent them: nothing is re-encoded on the way.
-    return URL(_upstream(upstream)[0] + request.raw_path, encoded=True)
+    """The upstream base and the request's canonical target (path and query, no fragment).
+
+    Nothing is re-encoded on the way: the backend routes on the same characters the gateway did.
+    """
+    target = request.get(TARGET)
+    if target is None:
+        # Routed before dispatch ran (a middleware's own answer): read the target the same way.
+        found = classify(request.method, request.raw_path)
+        if isinstance(found, Refusal):
+            raise ValueError(found.message)
+        target = found
+    return URL(_upstream(upstream)[0] + target.forward, encoded=True)
 
 
-def upstream_headers(request: web.Request, upstream: str, *, inspect: bool = False) -> CIMultiDict[str]:
+def upstream_headers(
+    request: web.Request,
+    upstream: str,
+    *,
+    inspect: bool = False,
+    body: InspectedRequest | None = None,
+) -> CIMultiDict[str]:
     source = request.headers
     dropped = _dropped(source, _TO_UPSTREAM_INSPECTED if inspect else _TO_UPSTREAM)
     headers = CIMultiDict(source)
     for name in dropped.intersection(map(str.lower, source.keys())):
         del headers[name]
+    if body is not None:
+        # SECURITY: the body goes as it was inspected: decoded, and labelled as it was read.
+        headers.popall("Content-Encoding", None)
+        content_type = body.content_type or source.get("Content-Type")
+        headers.popall("Content-Type", None)
+        if content_type is not None:
+            headers["Content-Type"] = content_type
     peer = request.remote or "unknown"
     prior = source.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -95,10 +120,10 @@ def upstream_failure(request: web.Request, exc: BaseException) -> web.Response:
     if isinstance(exc, TimeoutError):
         observer.upstream_error("timeout")
         log.warning("upstream timeout: %s", type(exc).__name__)
-        return json_response(504, error_body("Upstream timed out"))
+        return json_response(504, error_body("Upstream timed out", error_code=UPSTREAM_TIMEOUT))
     observer.upstream_error("unreachable")
     log.warning("upstream unreachable: %s", type(exc).__name__)
-    return json_response(502, error_body("Upstream unreachable"))
+    return json_response(502, error_body("Upstream unreachable", error_code=UPSTREAM_UNREACHABLE))
 
 
 def json_response(status: int, body: bytes) -> web.Response:
@@ -121,15 +146,19 @@ async def stream_back(
 
 
 async def call_upstream(
-    request: web.Request, *, data: bytes | aiohttp.StreamReader | None, inspect: bool
+    request: web.Request,
+    *,
+    data: bytes | aiohttp.StreamReader | None,
+    inspect: bool,
+    body: InspectedRequest | None = None,
 ) -> aiohttp.ClientResponse:
     """Send the request on to the same path upstream; raises one of ``UPSTREAM_ERRORS``."""
     state = request.app[STATE]
     upstream = state.settings.upstream
     return await state.session.request(
-        request.method,
+        request.method.upper(),
         upstream_url(request, upstream),
-        headers=upstream_headers(request, upstream, inspect=inspect),
+        headers=upstream_headers(request, upstream, inspect=inspect, body=body),
         data=data,
         allow_redirects=False,
     )

@@ -5,12 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import posixpath
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -27,7 +24,7 @@ from gateway.answers import (
 )
 from gateway.audit import REDACTOR, RequestInfo, user_id
 from gateway.batches import AfterAnswers
-from gateway.flashback import EVALUATION_FAILED, QUOTA_EXCEEDED, block_body, error_body
+from gateway.flashback import BODY_TOO_LARGE, EVALUATION_FAILED, QUOTA_EXCEEDED, block_body, error_body
 from gateway.policy import Context, Stage
 from gateway.proxy import (
     UPSTREAM_ERRORS,
@@ -36,73 +33,20 @@ from gateway.proxy import (
     pass_through,
     upstream_failure,
 )
+from gateway.request_body import InspectedRequest, read_body
 from gateway.state import STATE
+from gateway.target import TARGET, Refusal, classify
 from gateway.usage.accounting import Exchange
 from gateway.usage.quota import Verdict
 from gateway.usage.workspaces import UNRESOLVED, PageFetcher, Placement, Resolution
 
 log = logging.getLogger("gateway.routes")
 
-# Case-insensitive, trailing slash allowed: the routing rules of a typical Node backend, so
-# that no spelling the backend accepts as the prompt route slips past uninspected.
-_INTERCEPTED = re.compile(r"^/conversation/([^/]+)/(prompt|messages)/?$", re.IGNORECASE)
-_INTERCEPTED_METHOD = {"prompt": "POST", "messages": "GET"}
+
+def refused(refusal: Refusal) -> web.Response:
+    return json_response(refusal.status, error_body(refusal.message, error_code=refusal.error_code))
 
 
-def _bad_request(message: str) -> web.Response:
-    return json_response(400, error_body(message))
-
-
-def intercepted_route(request: web.Request) -> tuple[str, str] | web.Response | None:
-    """(route, conversation id) for an intercepted request, a 400 for a disguised one, or None."""
-    raw_path = request.raw_path.split("?", 1)[0]
-    found = _classify(raw_path) if len(raw_path) <= _MEMO_PATH else _classify.__wrapped__(raw_path)
-    if found is None or request.method != _INTERCEPTED_METHOD[found[0]]:
-        return None
-    if not found[1]:
-        return _bad_request("Invalid conversation id")
-    return found
-
-
-_DISGUISED = ""  # the conversation id _classify gives a disguised spelling of a route
-
-
-# Conversations see many requests each: the same paths recur. Clients choose them, so only
-# short ones are remembered, and only so many: at most about 1 MB.
-_MEMO_PATH = 256
-
-
-@functools.lru_cache(maxsize=4096)
-def _classify(raw_path: str) -> tuple[str, str] | None:
-    """(route, conversation id) for a path that reaches an intercepted route, with the id
-    ``_DISGUISED`` for any spelling other than the plain one; None for any other path."""
-    # A backend may route on the raw path (and decode the id after) or on a normalised one.
-    plain = _INTERCEPTED.match(raw_path)
-    target = plain or _INTERCEPTED.match(_canonical(raw_path))
-    if target is None:
-        return None
-    route = target.group(2).lower()
-    # SECURITY: whatever the backend would resolve to this route must be inspected, so any
-    # spelling other than the plain one (encoded slashes, dot segments, doubled slashes,
-    # control characters) is refused rather than passed through.
-    conversation_id = unquote(plain.group(1)) if plain else ""
-    if (
-        plain is None
-        or conversation_id in {"", ".", ".."}
-        or any(char in conversation_id for char in "/\\")
-        or any(ord(char) < 32 or ord(char) == 127 for char in conversation_id)
-    ):
-        return route, _DISGUISED
-    return route, conversation_id
-
-
-def _canonical(raw_path: str) -> str:
-    """The path decoded and normalised, as a backend that routes on a normalised path sees it."""
-    decoded = unquote(raw_path)
-    return posixpath.normpath(re.sub("/+", "/", decoded.replace("\\", "/")))
-
-
-_CONVERSATIONS = re.compile(r"^/conversation/?$", re.IGNORECASE)
 # Conversation lists are small (100 at most a page); a larger answer is passed on unlearned.
 _LEARN_LIMIT = 1 << 20
 
@@ -174,18 +118,20 @@ def completed(finished: Finished) -> None:
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     info = info_of(request)
-    route = intercepted_route(request)
-    if route is None:
-        if request.method in {"GET", "POST"} and _CONVERSATIONS.match(request.path):
-            info.route = "conversations"
-            return await learn_conversations(request)
+    target = classify(request.method, request.raw_path)
+    if isinstance(target, Refusal):
+        return refused(target)
+    # SECURITY: from here on the upstream request line is built from this reading only.
+    request[TARGET] = target
+    if target.route == "passthrough":
         return await pass_through(request)
-    if isinstance(route, web.Response):
-        return route
-    name, conversation_id = route
-    info.route, info.conversation_id = name, conversation_id
+    if target.route == "conversations":
+        info.route = "conversations"
+        return await learn_conversations(request)
+    conversation_id = target.conversation_id or ""
+    info.route, info.conversation_id = target.route, conversation_id
     try:
-        if name == "prompt":
+        if target.route == "prompt":
             return await prompt(request, conversation_id)
         return await messages(request, conversation_id)
     except EvaluationFailed:
@@ -287,23 +233,39 @@ def quota_exceeded(request: web.Request, verdict: Verdict) -> web.Response:
     return response
 
 
+async def read_prompt(request: web.Request) -> InspectedRequest | Refusal:
+    """The prompt body, decoded as the backend decodes it, or why it is refused."""
+    limit = request.app[STATE].settings.body_limit
+    too_large = Refusal(413, f"Request body over {limit} bytes", BODY_TOO_LARGE)
+    if request.content_length is not None and request.content_length > limit:
+        return too_large
+    try:
+        raw = await read_bounded(request, limit)
+    except AnswerTooLarge:
+        return too_large
+    encodings = request.headers.getall("Content-Encoding", ())
+    inspected = read_body(
+        raw,
+        content_type=request.headers.get("Content-Type"),
+        content_encoding=", ".join(encodings) if encodings else None,
+        limit=limit,
+    )
+    if isinstance(inspected, Refusal):
+        return inspected
+    payload = inspected.payload
+    if not isinstance(payload, dict) or "prompt" not in payload:
+        return Refusal(400, "Request body must have a 'prompt' field")
+    if not isinstance(payload["prompt"], str):
+        return Refusal(400, "'prompt' must be a string")
+    return inspected
+
+
 async def prompt(request: web.Request, conversation_id: str) -> web.StreamResponse:
     state = request.app[STATE]
-    limit = state.settings.body_limit
-    if request.content_length is not None and request.content_length > limit:
-        return json_response(413, error_body(f"Request body over {limit} bytes"))
-    try:
-        body = await read_bounded(request, limit)
-    except AnswerTooLarge:
-        return json_response(413, error_body(f"Request body over {limit} bytes"))
-    try:
-        payload = jsonlib.loads(body)
-    except ValueError:
-        return _bad_request("Request body must be JSON")
-    if not isinstance(payload, dict) or "prompt" not in payload:
-        return _bad_request("Request body must have a 'prompt' field")
-    if not isinstance(payload["prompt"], str):
-        return _bad_request("'prompt' must be a string")
+    inspected = await read_prompt(request)
+    if isinstance(inspected, Refusal):
+        return refused(inspected)
+    payload = inspected.payload
 
     resolution = await resolve(request, conversation_id)
     model = payload.get("model") if isinstance(payload.get("model"), str) else None
@@ -314,7 +276,9 @@ async def prompt(request: web.Request, conversation_id: str) -> web.StreamRespon
     exchange = Exchange(conversation_id, resolution, model, payload["prompt"], ticket)
     # Settled by the middleware once the answer is out: recorded, or its ticket released.
     request[EXCHANGE] = exchange
-    decision = decide(request, Stage.PROMPT, payload["prompt"], context)
+    # Every string of the body, keys included: the backend acts on all of them.
+    texts = inspected.texts
+    decision = decide(request, Stage.PROMPT, texts.text, context, texts.path_at)
     if decision.blocked:
         return json_response(403, block_body(decision))
     info = info_of(request)
@@ -322,7 +286,7 @@ async def prompt(request: web.Request, conversation_id: str) -> web.StreamRespon
     called = time.perf_counter()
     info.prompt_own = called - info.started
     try:
-        upstream = await call_upstream(request, data=body, inspect=True)
+        upstream = await call_upstream(request, data=inspected.forward, inspect=True, body=inspected)
     except UPSTREAM_ERRORS as exc:
         # Refused before the upstream had it: nothing was used.
         exchange.forwarded = not isinstance(exc, aiohttp.ClientConnectorError)

@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer, make_mocked_request
+from aiohttp.test_utils import TestServer
 
-from gateway import routes
+from gateway import target
 from tests.proxy_fixtures import Upstream, start_gateway, start_upstream
 
 KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -117,14 +117,34 @@ async def test_an_alert_rule_lets_the_prompt_through(
 
 
 @pytest.mark.parametrize(
-    ("body", "status", "message"),
+    ("body", "status", "message", "code"),
     [
-        pytest.param(b"not json", 400, "Request body must be JSON", id="a body that is not JSON"),
-        pytest.param(b'{"model": "m"}', 400, "Request body must have a 'prompt' field", id="no prompt"),
-        pytest.param(b'{"prompt": 42}', 400, "'prompt' must be a string", id="a prompt that is not text"),
-        pytest.param(b'["prompt"]', 400, "Request body must have a 'prompt' field", id="a JSON list"),
         pytest.param(
-            b'{"prompt": "' + b"x" * 2000 + b'"}', 413, "Request body over 1024 bytes", id="too big"
+            b"not json", 400, "Request body must be JSON", "INVALID_REQUEST", id="a body that is not JSON"
+        ),
+        pytest.param(
+            b'{"model": "m"}',
+            400,
+            "Request body must have a 'prompt' field",
+            "INVALID_REQUEST",
+            id="no prompt",
+        ),
+        pytest.param(
+            b'{"prompt": 42}',
+            400,
+            "'prompt' must be a string",
+            "INVALID_REQUEST",
+            id="a prompt that is not text",
+        ),
+        pytest.param(
+            b'["prompt"]', 400, "Request body must have a 'prompt' field", "INVALID_REQUEST", id="a JSON list"
+        ),
+        pytest.param(
+            b'{"prompt": "' + b"x" * 2000 + b'"}',
+            413,
+            "Request body over 1024 bytes",
+            "BODY_TOO_LARGE",
+            id="too big",
         ),
     ],
 )
@@ -135,12 +155,13 @@ async def test_malformed_prompts_get_the_backend_error_shape(
     body: bytes,
     status: int,
     message: str,
+    code: str,
 ) -> None:
-    """Each malformed request gets {success: false, message} and the upstream is not called."""
+    """Each malformed request gets {success: false, message, error_code}; the upstream is not called."""
     gateway, _, _ = await start_gateway(aiohttp_server, str(upstream[1].make_url("/")), body_limit=1024)
     async with client.post(_url(gateway, "/conversation/c/prompt"), data=body) as response:
         assert response.status == status
-        assert await response.json() == {"success": False, "message": message}
+        assert await response.json() == {"success": False, "message": message, "error_code": code}
     assert upstream[0].received == []
 
 
@@ -178,7 +199,11 @@ async def test_disguised_prompt_paths_are_refused(
     """A path the backend might resolve to the prompt route, spelled oddly, gets a 400."""
     status, body = await raw_request(gateway, f"POST {path} HTTP/1.1", b'{"prompt": "hi"}')
     assert status == 400
-    assert json.loads(body) == {"success": False, "message": "Invalid conversation id"}
+    assert json.loads(body) == {
+        "success": False,
+        "message": "Invalid conversation id",
+        "error_code": "INVALID_REQUEST",
+    }
     assert upstream[0].received == []
 
 
@@ -471,7 +496,11 @@ async def test_an_unreachable_upstream_gives_502(
     gateway, _, _ = await start_gateway(aiohttp_server, f"http://127.0.0.1:{_closed_port()}")
     async with client.post(_url(gateway, path), json={"prompt": "hi"}) as response:
         assert response.status == 502
-        assert await response.json() == {"success": False, "message": "Upstream unreachable"}
+        assert await response.json() == {
+            "success": False,
+            "message": "Upstream unreachable",
+            "error_code": "UPSTREAM_UNREACHABLE",
+        }
 
 
 @pytest.mark.parametrize("path", ["/conversation/c/prompt", "/conversation"])
@@ -486,7 +515,11 @@ async def test_a_slow_upstream_gives_504(
     gateway, _, _ = await start_gateway(aiohttp_server, str(upstream[1].make_url("/")), read_timeout=0.2)
     async with client.post(_url(gateway, path), json={"prompt": "hi"}) as response:
         assert response.status == 504
-        assert await response.json() == {"success": False, "message": "Upstream timed out"}
+        assert await response.json() == {
+            "success": False,
+            "message": "Upstream timed out",
+            "error_code": "UPSTREAM_TIMEOUT",
+        }
 
 
 async def test_a_client_that_disconnects_cancels_the_upstream_call(
@@ -586,16 +619,19 @@ async def test_an_engine_failure_mid_stream_ends_the_stream(
 
 def test_route_memo_keeps_only_short_paths() -> None:
     """Paths are classified the same whether remembered or not; long ones are not remembered."""
-    long_id = "c" * (routes._MEMO_PATH + 10)
-    before = routes._classify.cache_info().currsize
-    long_request = make_mocked_request("POST", f"/conversation/{long_id}/prompt")
-    assert routes.intercepted_route(long_request) == ("prompt", long_id)
-    assert routes._classify.cache_info().currsize == before
-    disguised = make_mocked_request("POST", f"/conversation/{long_id}%2F..%2Fx/prompt")
-    answer = routes.intercepted_route(disguised)
-    assert isinstance(answer, web.Response)
-    assert answer.status == 400
-    short = make_mocked_request("POST", "/conversation/short-1/prompt")
-    assert routes.intercepted_route(short) == ("prompt", "short-1")
-    assert routes._classify.cache_info().currsize == before + 1
-    assert routes.intercepted_route(make_mocked_request("GET", "/conversation/short-1/prompt")) is None
+    long_id = "c" * (target._MEMO_PATH + 10)
+    before = target._classify.cache_info().currsize
+    found = target.classify("POST", f"/conversation/{long_id}/prompt")
+    assert isinstance(found, target.Target)
+    assert (found.route, found.conversation_id) == ("prompt", long_id)
+    assert target._classify.cache_info().currsize == before
+    disguised = target.classify("POST", f"/conversation/{long_id}%2F..%2Fx/prompt")
+    assert isinstance(disguised, target.Refusal)
+    assert disguised.status == 400
+    short = target.classify("POST", "/conversation/short-1/prompt")
+    assert isinstance(short, target.Target)
+    assert (short.route, short.conversation_id) == ("prompt", "short-1")
+    assert target._classify.cache_info().currsize == before + 1
+    other = target.classify("GET", "/conversation/short-1/prompt")
+    assert isinstance(other, target.Target)
+    assert other.route == "passthrough"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 # alertmanager_fixtures imports from redis_fixtures: keep this order.
-pytest_plugins = ["tests.redis_fixtures", "tests.alertmanager_fixtures"]
+pytest_plugins = ["tests.redis_fixtures", "tests.alertmanager_fixtures", "tests.express_fixtures"]
 
 CASES = Path(__file__).parent / "cases"
 

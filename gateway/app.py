@@ -70,6 +70,13 @@ async def _audit_and_alerts(app: web.Application) -> AsyncIterator[None]:
         observer.audit_file.close()
 
 
+# SECURITY: request bodies reach the handlers as the client sent them. The prompt route decodes
+# its body itself, as the backend would, and forwards what it decoded; every other route
+# forwards the bytes with their own Content-Encoding. (aiohttp would otherwise inflate every
+# body and leave it labelled as compressed.)
+PUBLIC_SERVER_OPTIONS: dict[str, Any] = {"auto_decompress": False}
+
+
 def build_public_app(state: GatewayState) -> web.Application:
     app = web.Application()
     app[STATE] = state
@@ -160,6 +167,7 @@ async def run(settings: Settings, ruleset: RuleSet, *, reuse_port: bool = False)
         build_public_app(state),
         handler_cancellation=True,
         access_log=None,
+        **PUBLIC_SERVER_OPTIONS,
         shutdown_timeout=settings.shutdown_timeout,
     )
     admin = web.AppRunner(build_admin_app(state, reloader), access_log=None, shutdown_timeout=2.0)

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.app import build_admin_app, build_public_app
+from gateway.app import PUBLIC_SERVER_OPTIONS, build_admin_app, build_public_app
 from gateway.config import Settings
 from gateway.policy import load_ruleset
 from gateway.state import GatewayState
@@ -65,6 +65,6 @@ async def start_gateway(
     settings = replace(Settings(), upstream=upstream_url.rstrip("/"), **overrides)
     ruleset = load_ruleset(policies) if policies else load_ruleset()
     state = GatewayState(settings, ruleset)
-    public = await aiohttp_server(build_public_app(state))
+    public = await aiohttp_server(build_public_app(state), **PUBLIC_SERVER_OPTIONS)
     admin = await aiohttp_server(build_admin_app(state))
     return public, admin, state

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway.audit import AuditFile
 from gateway.batches import AfterAnswers
 from gateway.config import Settings
+from gateway.flashback import INVALID_REQUEST
 from gateway.policy import RuleSet
 from gateway.reload import Reloader
 from gateway.routes import AFTER_ANSWERS, add_routes, completed, observe_requests
@@ -112,7 +113,8 @@ def build_admin_app(state: GatewayState, reloader: Reloader | None = None) -> we
         if not result.ok:
             return web.json_response(
                 {"success": False, "message": "policies refused; the previous rule set keeps serving",
-                 "revision": result.revision, "errors": list(result.errors)},
+                 "error_code": "POLICIES_REFUSED", "revision": result.revision,
+                 "errors": list(result.errors)},
                 status=422,
             )  # fmt: skip
         reloader.tell_other_workers()
@@ -123,12 +125,18 @@ def build_admin_app(state: GatewayState, reloader: Reloader | None = None) -> we
     async def usage(request: web.Request) -> web.Response:
         period_name = request.query.get("period", "day")
         if period_name not in {"day", "month"}:
-            return web.json_response({"success": False, "message": "period must be day or month"}, status=400)
+            return web.json_response(
+                {"success": False, "message": "period must be day or month", "error_code": INVALID_REQUEST},
+                status=400,
+            )
         workspace, period, now = request.match_info["workspace"], Period(period_name), datetime.now(UTC)
         try:
             totals = await state.store.totals(workspace, period, now)
         except StoreUnavailable:
-            return web.json_response({"success": False, "message": "usage store unavailable"}, status=503)
+            return web.json_response(
+                {"success": False, "message": "usage store unavailable", "error_code": "STORE_UNAVAILABLE"},
+                status=503,
+            )
         return web.json_response(usage_body(workspace, period, now, totals))
 
     async def metrics(_: web.Request) -> web.Response:

@@ -1,11 +1,24 @@
-"""Inspecting the upstream's answers at stage ``response`` before the client sees them."""
+"""Inspecting the upstream's answers at stage ``response`` before the client sees them.
+
+The gateway decides on the reading the client will act on, and releases exactly the bytes it
+read. A whole answer is read in every way a client may read it (its declared charset; UTF-8;
+what a byte order mark, or the encoding guess of RFC 4627, says), as JSON where it parses and
+as text otherwise, and every string, key and number of every reading is evaluated in one text.
+A streamed answer is evaluated event by event, every line of every event (gateway.streaming).
+Upstream errors are answers like any other. ``response_fields`` says only where an answer's
+text is: what is counted as response tokens, and what a stream joins across events.
+"""
 
 from __future__ import annotations
 
 import codecs
+import functools
 import logging
+import re
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -14,18 +27,26 @@ from aiohttp import web
 from gateway import jsonlib
 from gateway.audit import RequestInfo
 from gateway.flashback import (
+    ANSWER_NOT_INSPECTABLE,
     EVALUATION_FAILED,
-    RESPONSE_BLOCKED,
     block_body,
+    blocking,
     error_body,
-    extract_texts,
     withheld_notice,
 )
+from gateway.json_texts import Texts, TooDeep, collect, join
 from gateway.observe import Where
 from gateway.policy import Action, Context, Decision, Stage, evaluate
-from gateway.proxy import json_response, response_headers, stream_back
+from gateway.proxy import json_response, response_headers
 from gateway.state import STATE, GatewayState
-from gateway.streaming import EventTooLarge, SSESplitter, StreamGuard, StreamStep, sse_event_text
+from gateway.streaming import (
+    EventTooLarge,
+    SSESplitter,
+    StreamGuard,
+    StreamStep,
+    read_event,
+    sse_texts,
+)
 from gateway.usage.accounting import Exchange
 
 log = logging.getLogger("gateway.answers")
@@ -33,6 +54,8 @@ log = logging.getLogger("gateway.answers")
 
 # The request's audit context (set by the routes' middleware).
 INFO = web.RequestKey("info", RequestInfo)
+
+FieldPaths = Sequence[tuple[str, ...]]
 
 
 class AnswerTooLarge(Exception):
@@ -43,13 +66,17 @@ class EvaluationFailed(Exception):
     """The engine raised: the text was not evaluated, so it is refused (fail closed)."""
 
 
-def decide(
-    request: web.Request, stage: Stage, text: str, context: Context, where: Where | None = None
-) -> Decision:
-    """Evaluate, and make the decision visible (metrics, audit, alerts); fail closed on error.
+class NotInspectable(Exception):
+    """The answer cannot be read as its client reads it: refused with 502, never passed on."""
 
-    ``where`` names the place in the message (a JSON path) of an offset of ``text``.
-    """
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # the fallback metric's label
+        self.message = message
+
+
+def judge(request: web.Request, stage: Stage, text: str, context: Context) -> Decision:
+    """Evaluate, failing closed (``EvaluationFailed``) when the engine raises; nothing is reported."""
     state = request.app[STATE]
     info = request.get(INFO) or RequestInfo()
     started = time.perf_counter()
@@ -63,9 +90,25 @@ def decide(
         raise EvaluationFailed from None
     if stage is Stage.RESPONSE:
         info.response_own += time.perf_counter() - started
-    state.observer.decision(decision, info, lambda start, end: text[start:end], where)
-    _note_action(info, decision.action)
     return decision
+
+
+def decide(
+    request: web.Request, stage: Stage, text: str, context: Context, where: Where | None = None
+) -> Decision:
+    """Evaluate, and make the decision visible (metrics, audit, alerts); fail closed on error.
+
+    ``where`` names the place in the message (a JSON path) of an offset of ``text``.
+    """
+    decision = judge(request, stage, text, context)
+    _report(request, decision, text, where)
+    return decision
+
+
+def _report(request: web.Request, decision: Decision, text: str, where: Where | None) -> None:
+    info = request.get(INFO) or RequestInfo()
+    request.app[STATE].observer.decision(decision, info, lambda start, end: text[start:end], where)
+    _note_action(info, decision.action)
 
 
 def _note_action(info: RequestInfo, action: Action) -> None:
@@ -93,14 +136,199 @@ async def read_bounded(content: aiohttp.StreamReader | web.BaseRequest, limit: i
     return b"".join(parts)
 
 
-def _is_json(upstream: aiohttp.ClientResponse) -> bool:
-    kind = upstream.content_type
-    return kind == "application/json" or kind.endswith("+json")
+# How to read an answer.
 
 
-def _is_streamed_text(upstream: aiohttp.ClientResponse) -> bool:
+@dataclass(frozen=True, slots=True)
+class AnswerPlan:
+    """How an answer is read: streamed or whole, as an event stream or not, in which charset."""
+
+    stream: bool
+    sse: bool
+    codec: str | None  # the declared charset's codec; None when none is declared
+
+
+def plan_answer(upstream: aiohttp.ClientResponse) -> AnswerPlan:
+    """The plan for an answer, from its status and headers; ``NotInspectable`` if there is none."""
+    headers = upstream.headers
+    encodings = {
+        token.strip().lower()
+        for value in headers.getall("Content-Encoding", ())
+        for token in value.split(",")
+    }
+    if encodings - {"identity", ""}:
+        raise NotInspectable("encoded", "Upstream answer is encoded and cannot be inspected")
+    kinds = headers.getall("Content-Type", ())
+    if len(kinds) > 1:
+        raise NotInspectable("content_type", "Upstream answer has several content types")
+    codec = declared_codec(kinds[0]) if kinds else None
     kind = upstream.content_type
-    return kind == "text/event-stream" or (kind.startswith("text/") and upstream.content_length is None)
+    sse = kind == "text/event-stream"
+    stream = upstream.status < 400 and (sse or (kind.startswith("text/") and upstream.content_length is None))
+    # An event stream is cut into events on its bytes: only an ASCII-compatible charset keeps
+    # them, and a client reads an event stream as UTF-8 whatever it declares.
+    if sse and codec not in (None, "utf-8"):
+        raise NotInspectable("charset", "Upstream event stream is not UTF-8")
+    return AnswerPlan(stream, sse, codec)
+
+
+_CHARSET = re.compile(r';\s*charset\s*=\s*"?([^";,\s]*)"?', re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=64)
+def declared_codec(content_type: str) -> str | None:
+    """The Python codec of a Content-Type's charset; None without one; ``NotInspectable`` if unknown."""
+    found = {name.lower() for name in _CHARSET.findall(content_type)}
+    if not found:
+        return None
+    if len(found) > 1:
+        raise NotInspectable("charset", "Upstream answer declares several charsets")
+    name = found.pop()
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        info = None
+    # Not every Python codec reads bytes into text (base64, zlib, rot13...).
+    if info is None or not getattr(info, "_is_text_encoding", True):
+        # The name is not quoted back: the upstream chose it, and it reaches the client.
+        raise NotInspectable("charset", "Upstream answer in an unknown charset")
+    return info.name
+
+
+# Byte order marks, longest first: what a client that sniffs them reads instead.
+_ORDER_MARKS = (
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xef\xbb\xbf", "utf-8"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+# RFC 4627 §3: JSON's encoding from the pattern of zero bytes in its first four.
+_ZERO_PATTERNS = {
+    (True, True, True, False): "utf-32-be",
+    (False, True, True, True): "utf-32-le",
+    (True, False, True, False): "utf-16-be",
+    (False, True, False, True): "utf-16-le",
+}
+
+
+def readings(raw: bytes, declared: str | None) -> list[str]:
+    """The codecs a client may read ``raw`` in: the declared one first, then UTF-8, then a guess."""
+    found = [declared or "utf-8", "utf-8"]
+    head = raw[:4]
+    for mark, codec in _ORDER_MARKS:
+        if head.startswith(mark):
+            found.append(codec)
+            break
+    else:
+        if len(head) == 4 and 0 in head:
+            guess = _ZERO_PATTERNS.get(tuple(byte == 0 for byte in head))  # type: ignore[arg-type]
+            if guess is not None:
+                found.append(guess)
+    return list(dict.fromkeys(found))
+
+
+@dataclass(frozen=True, slots=True)
+class InspectedAnswer:
+    """A whole answer as read: every reading's texts joined, and the first reading's content."""
+
+    texts: Texts  # what is evaluated
+    payload: Any  # the first reading parsed as JSON, None when it is not JSON
+    fields: tuple[str, ...]  # the first reading's answer text, for token counting
+    plain: bool  # one reading, UTF-8 JSON: a body rewritten from ``payload`` reads the same
+
+
+_NOT_JSON: Any = object()
+_UTF8_MARK = b"\xef\xbb\xbf"
+# A line of a text answer that may be JSON (JSON lines, NDJSON, a JSON log line).
+_JSON_LINE = re.compile(r'^[ \t]*[\[{"].*$', re.MULTILINE)
+# jsonlib's message for JSON too deeply nested for the standard library's parser.
+_TOO_DEEP = "JSON nested too deeply"
+
+
+def read_answer(raw: bytes, *, sse: bool, declared: str | None, paths: FieldPaths) -> InspectedAnswer:
+    """Every reading of a whole answer; ``NotInspectable`` if its JSON nests too deeply."""
+    names = readings(raw, declared)
+    parts: list[Texts] = []
+    payload: Any = None
+    fields: tuple[str, ...] = ()
+    for index, codec in enumerate(names):
+        prefix = "" if index == 0 else f"{codec}:"
+        try:
+            texts, parsed = _reading(raw, codec, sse=sse, paths=paths if index == 0 else (), prefix=prefix)
+        except TooDeep:
+            raise NotInspectable("too_deep", "Upstream answer nested too deeply to inspect") from None
+        if index == 0:
+            payload, fields = (None if parsed is _NOT_JSON else parsed), texts.fields
+        parts.append(texts)
+    plain = names == ["utf-8"] and payload is not None
+    return InspectedAnswer(join(parts), payload, fields, plain)
+
+
+def _reading(raw: bytes, codec: str, *, sse: bool, paths: FieldPaths, prefix: str) -> tuple[Texts, Any]:
+    if codec == "utf-8" and sse:
+        return sse_texts(raw, paths), _NOT_JSON
+    if codec == "utf-8":
+        source: bytes | str = raw[len(_UTF8_MARK) :] if raw.startswith(_UTF8_MARK) else raw
+    else:
+        source = raw.decode(codec, errors="replace").removeprefix("\ufeff")
+    payload = _parse(source)
+    if payload is not _NOT_JSON:
+        return collect(payload, fields=paths, root=f"{prefix}$"), payload
+    text = source if isinstance(source, str) else source.decode("utf-8", errors="replace")
+    if "\ufffd" in text and isinstance(source, bytes):
+        # Bytes that are not UTF-8: a client's JSON parser reads them replaced, as here.
+        payload = _parse(text)
+        if payload is not _NOT_JSON:
+            return collect(payload, fields=paths, root=f"{prefix}$"), payload
+    return _text_texts(text, prefix), _NOT_JSON
+
+
+def _parse(source: bytes | str) -> Any:
+    try:
+        return jsonlib.loads(source)
+    except ValueError as exc:
+        if str(exc) == _TOO_DEEP:
+            raise TooDeep(_TOO_DEEP) from None
+        return _NOT_JSON
+
+
+def _text_texts(text: str, prefix: str) -> Texts:
+    """A text answer, and any of its lines that parse as JSON read as JSON too."""
+    parts = [Texts(text, (0,), (f"{prefix}text",), (text,) if text else ())]
+    if "{" in text or "[" in text or '"' in text:
+        for number, line in enumerate(_JSON_LINE.finditer(text)):
+            payload = _parse(line.group())
+            if payload is not _NOT_JSON:
+                parts.append(collect(payload, root=f"{prefix}json line {number}:$"))
+    whole = join(parts)
+    return Texts(whole.text, whole.starts, whole.paths, parts[0].fields)
+
+
+def _not_inspectable(state: GatewayState, refusal: NotInspectable) -> web.Response:
+    state.observer.fallback("answer", refusal.reason)
+    log.warning("answer not inspectable: %s", refusal.reason)
+    return json_response(502, error_body(refusal.message, error_code=ANSWER_NOT_INSPECTABLE))
+
+
+async def _read_whole(upstream: aiohttp.ClientResponse, state: GatewayState) -> bytes:
+    try:
+        return await read_bounded(upstream.content, state.settings.response_limit)
+    except AnswerTooLarge:
+        log.warning("answer over %d bytes", state.settings.response_limit)
+        raise NotInspectable("too_large", "Upstream answer too large to inspect") from None
+
+
+def _release(upstream: aiohttp.ClientResponse, body: bytes) -> web.Response:
+    return web.Response(
+        status=upstream.status,
+        reason=upstream.reason,
+        body=body,
+        headers=response_headers(upstream, keep_length=False),
+    )
+
+
+# The prompt's answer.
 
 
 async def inspect_answer(
@@ -109,53 +337,24 @@ async def inspect_answer(
     context: Context,
     exchange: Exchange | None = None,
 ) -> web.StreamResponse:
-    """The prompt's answer: evaluated whole, or event by event when it streams."""
+    """The prompt's answer (or any intercepted answer): evaluated whole, or as it streams."""
     state = request.app[STATE]
-    if upstream.status >= 400:
-        return await stream_back(request, upstream)
-    encoding = upstream.headers.get("Content-Encoding", "identity").lower()
-    if encoding != "identity":
-        state.observer.fallback("answer", "encoded")
-        log.warning("answer not inspectable: content encoding %s", encoding)
-        return json_response(502, error_body("Upstream answer is encoded and cannot be inspected"))
-    if _is_streamed_text(upstream):
-        return await guarded_stream(request, upstream, context, exchange)
     try:
-        raw = await read_bounded(upstream.content, state.settings.response_limit)
-    except AnswerTooLarge:
-        state.observer.fallback("answer", "too_large")
-        log.warning("answer not inspectable: over %d bytes", state.settings.response_limit)
-        return json_response(502, error_body("Upstream answer too large to inspect"))
-    texts, payload = _answer_texts(raw, state, json_answer=_is_json(upstream))
+        plan = plan_answer(upstream)
+        if plan.stream:
+            return await guarded_stream(request, upstream, context, exchange, plan)
+        raw = await _read_whole(upstream, state)
+        inspected = read_answer(raw, sse=plan.sse, declared=plan.codec, paths=state.field_paths)
+    except NotInspectable as refusal:
+        return _not_inspectable(state, refusal)
     if exchange is not None:
-        exchange.response_texts = texts
-        exchange.note_reported(payload)
-    decision = strongest(
-        Stage.RESPONSE,
-        state.ruleset.revision,
-        (decide(request, Stage.RESPONSE, text, context) for text in texts),
-    )
+        exchange.response_texts = list(inspected.fields)
+        exchange.note_reported(inspected.payload)
+    texts = inspected.texts
+    decision = decide(request, Stage.RESPONSE, texts.text, context, texts.path_at)
     if decision.blocked:
         return json_response(403, block_body(decision))
-    return web.Response(
-        status=upstream.status,
-        reason=upstream.reason,
-        body=raw,
-        headers=response_headers(upstream, keep_length=False),
-    )
-
-
-def _answer_texts(raw: bytes, state: GatewayState, *, json_answer: bool) -> tuple[list[str], Any]:
-    """The texts to evaluate, and the parsed JSON answer (None when it is not JSON)."""
-    if json_answer:
-        try:
-            payload = jsonlib.loads(raw)
-        except ValueError:
-            pass
-        else:
-            return extract_texts(payload, state.field_paths), payload
-    # Not JSON, or JSON that does not parse: the whole body is what a client would read.
-    return [raw.decode("utf-8", errors="replace")], None
+    return _release(upstream, raw)
 
 
 async def guarded_stream(
@@ -163,12 +362,14 @@ async def guarded_stream(
     upstream: aiohttp.ClientResponse,
     context: Context,
     exchange: Exchange | None = None,
+    plan: AnswerPlan | None = None,
 ) -> web.StreamResponse:
     """Forward a streamed answer while evaluating it; a block ends it with an error event."""
+    plan = plan or plan_answer(upstream)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(response_headers(upstream, keep_length=False))
     await response.prepare(request)
-    forwarder = _StreamForwarder(request, response, upstream, context, exchange)
+    forwarder = _StreamForwarder(request, response, context, exchange, plan)
     try:
         await forwarder.run(upstream)
     finally:
@@ -177,29 +378,60 @@ async def guarded_stream(
     return response
 
 
+class _Lane:
+    """One reading of a stream: its decoder (None for SSE: events are read whole) and its guard."""
+
+    __slots__ = ("codec", "decoder", "guard", "released")
+
+    def __init__(self, codec: str, decoder: codecs.IncrementalDecoder | None, guard: StreamGuard) -> None:
+        self.codec = codec
+        self.decoder = decoder
+        self.guard = guard
+        self.released = 0  # events this reading has let go, counted from the first
+
+
 class _StreamForwarder:
-    """One streamed answer: events evaluated in order, released once safe, or the stream ended."""
+    """One streamed answer: events evaluated in order, released once safe, or the stream ended.
+
+    An event stream is read one way, as UTF-8. Other streamed text is read in its declared
+    charset and, if that is not UTF-8, as UTF-8 too (and as a byte order mark at its start
+    says): each reading has its own guard, and an event leaves once every reading let it go.
+    """
 
     def __init__(
         self,
         request: web.Request,
         response: web.StreamResponse,
-        upstream: aiohttp.ClientResponse,
         context: Context,
         exchange: Exchange | None,
+        plan: AnswerPlan,
     ) -> None:
         self.state = request.app[STATE]
         self.response = response
+        self.context = context
         self.exchange = exchange
         self.info = request.get(INFO) or RequestInfo()
-        self.sse = upstream.content_type == "text/event-stream"
+        self.sse = plan.sse
         self.splitter = SSESplitter(max_event_bytes=self.state.settings.response_limit)
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.guard = StreamGuard(self.state.ruleset, context, holdback=self.state.holdback)
+        self.lanes = [self._lane(plan.codec or "utf-8")]
+        if plan.codec not in (None, "utf-8"):
+            self.lanes.append(self._lane("utf-8"))
+        self.held: deque[bytes] = deque()  # events some reading still holds, in order
+        self.sent = 0
+        self.started = False
         self.strongest = Action.ALLOW
+
+    def _lane(self, codec: str) -> _Lane:
+        decoder = None if self.sse else codecs.getincrementaldecoder(codec)(errors="replace")
+        return _Lane(
+            codec, decoder, StreamGuard(self.state.ruleset, self.context, holdback=self.state.holdback)
+        )
 
     async def run(self, upstream: aiohttp.ClientResponse) -> None:
         async for chunk in upstream.content.iter_any():
+            if not self.started and chunk:
+                self.started = True
+                self._sniff(chunk)
             try:
                 events = self.splitter.feed(chunk) if self.sse else [chunk]
             except EventTooLarge:
@@ -208,36 +440,81 @@ class _StreamForwarder:
                 log.warning(
                     "stream not inspectable: an event over %d bytes", self.state.settings.response_limit
                 )
-                await self.end(error_body(_TOO_LARGE, error_code=RESPONSE_BLOCKED))
+                await self.end(error_body(_TOO_LARGE, error_code=ANSWER_NOT_INSPECTABLE))
                 return
             if not await self.send(events):
                 return
         tail = self.splitter.flush() if self.sse else b""
         if await self.send([tail] if tail or not self.sse else [], final=True):
-            for released in self.guard.finish().release:
-                await self.response.write(released)
+            for lane in self.lanes:
+                lane.released += len(lane.guard.finish().release)
+            await self.release()
+
+    def _sniff(self, chunk: bytes) -> None:
+        """Streamed text that starts with a UTF-16 or UTF-32 byte order mark is read so too."""
+        if self.sse:
+            return
+        for mark, codec in _ORDER_MARKS:
+            if chunk.startswith(mark):
+                if codec not in {lane.codec for lane in self.lanes}:
+                    self.lanes.append(self._lane(codec))
+                return
 
     async def send(self, events: list[bytes], *, final: bool = False) -> bool:
         state = self.state
         for event in events:
             started = time.perf_counter()
-            text = sse_event_text(event, state.field_paths) if self.sse else self.decoder.decode(event, final)
-            if self.exchange is not None:
-                _note_streamed(self.exchange, event, text, limit=state.settings.response_limit, sse=self.sse)
-            try:
-                step = self.guard.feed(event, text)
-            except Exception as exc:
-                # Fail closed, as for a whole answer: what was not evaluated is not sent.
-                state.observer.fallback("policy", "evaluation_error")
-                log.error("policy evaluation failed on a stream: %s", type(exc).__name__)
-                return await self.end(error_body(_NOT_EVALUATED, error_code=EVALUATION_FAILED))
+            side: Texts | None = None
+            if self.sse:
+                try:
+                    read = read_event(event, state.field_paths)
+                except TooDeep:
+                    state.observer.fallback("answer", "too_deep")
+                    return await self.end(error_body(_TOO_DEEP_EVENT, error_code=ANSWER_NOT_INSPECTABLE))
+                texts = [read.text]
+                side = read.side if read.side.text else None
+                if self.exchange is not None:
+                    _note_streamed(
+                        self.exchange, read.text, read.payload, limit=state.settings.response_limit
+                    )
+            else:
+                texts = [lane.decoder.decode(event, final) if lane.decoder else "" for lane in self.lanes]
+                if self.exchange is not None:
+                    _note_streamed(self.exchange, texts[0], None, limit=state.settings.response_limit)
+            self.held.append(event)
+            if side is not None:
+                try:
+                    decision = self.lanes[0].guard.side(side.text)
+                except Exception as exc:
+                    return await self.failed(exc)
+                self.observe_side(decision, side)
+                if decision.blocked:
+                    return await self.end(block_body(decision))
+            for lane, text in zip(self.lanes, texts, strict=True):
+                try:
+                    step = lane.guard.feed(event, text)
+                except Exception as exc:
+                    return await self.failed(exc)
+                self.observe(step)
+                if step.blocked is not None:
+                    return await self.end(block_body(step.blocked))
+                lane.released += len(step.release)
             self.info.response_own += time.perf_counter() - started
-            self.observe(step)
-            if step.blocked is not None:
-                return await self.end(block_body(step.blocked))
-            for released in step.release:
-                await self.response.write(released)
+            await self.release()
         return True
+
+    async def release(self) -> None:
+        """Send the events every reading has let go, in order."""
+        upto = min(lane.released for lane in self.lanes)
+        while self.sent < upto:
+            await self.response.write(self.held.popleft())
+            self.sent += 1
+
+    async def failed(self, exc: Exception) -> bool:
+        # Fail closed, as for a whole answer: what was not evaluated is not sent.
+        self.state.observer.fallback("policy", "evaluation_error")
+        log.error("policy evaluation failed on a stream: %s", type(exc).__name__)
+        return await self.end(error_body(_NOT_EVALUATED, error_code=EVALUATION_FAILED))
 
     def observe(self, step: StreamStep) -> None:
         shown = step.blocked or Decision(Stage.RESPONSE, Action.ALLOW, self.state.ruleset.revision)
@@ -246,6 +523,17 @@ class _StreamForwarder:
             shown, found, self.info, lambda start, end: step.matched.get((start, end))
         )
         for violation in found:
+            self.strongest = max(self.strongest, violation.effective_action)
+
+    def observe_side(self, decision: Decision, side: Texts) -> None:
+        """Violations in an event's side text, with the paths (or line kinds) they are in."""
+        if not decision.violations:
+            return
+        text = side.text
+        self.state.observer.violations(
+            decision, decision.violations, self.info, lambda start, end: text[start:end], side.path_at
+        )
+        for violation in decision.violations:
             self.strongest = max(self.strongest, violation.effective_action)
 
     async def end(self, body: bytes) -> bool:
@@ -262,60 +550,123 @@ class _StreamForwarder:
 
 _NOT_EVALUATED = "Refused: the policy engine could not evaluate this answer"
 _TOO_LARGE = "Upstream event too large to inspect"
+_TOO_DEEP_EVENT = "Upstream event nested too deeply to inspect"
 
 
-def _note_streamed(exchange: Exchange, event: bytes, text: str, *, limit: int, sse: bool) -> None:
+def _note_streamed(exchange: Exchange, text: str, payload: Any, *, limit: int) -> None:
     if text and sum(map(len, exchange.response_texts)) < limit:
         exchange.response_texts.append(text)
     # Usage, when the upstream reports it, comes in one of the last events.
-    if sse and (b'"usage"' in event or b"tokens" in event or b"tokenCount" in event):
-        for line in event.splitlines():
-            if line.startswith(b"data:"):
-                try:
-                    exchange.note_reported(jsonlib.loads(line[5:]))
-                except ValueError:
-                    continue
+    if isinstance(payload, dict):
+        exchange.note_reported(payload)
+
+
+# The messages list.
 
 
 async def withhold_messages(
     request: web.Request, upstream: aiohttp.ClientResponse, context: Context
 ) -> web.StreamResponse:
-    """The messages list: an assistant message that hits a block rule is withheld."""
+    """The messages list: a message that hits a block rule, whatever its role, is withheld.
+
+    The whole answer is evaluated as one text. When it blocks, the messages its block matches
+    fall in are replaced by notices, and the rewritten answer is evaluated again, until it is
+    clean; a block outside the messages (or one the messages cannot explain) refuses the whole
+    answer. What is released is always the body last evaluated.
+    """
     state = request.app[STATE]
-    if upstream.status >= 400 or not _is_json(upstream):
-        return await inspect_answer(request, upstream, context)
     try:
-        raw = await read_bounded(upstream.content, state.settings.response_limit)
-    except AnswerTooLarge:
-        state.observer.fallback("answer", "too_large")
-        return json_response(502, error_body("Upstream answer too large to inspect"))
-    try:
-        payload = jsonlib.loads(raw)
-    except ValueError:
-        payload = None
-    messages = payload.get("messages") if isinstance(payload, dict) else None
+        plan = plan_answer(upstream)
+        if plan.stream or plan.sse or upstream.status >= 400:
+            return await inspect_answer(request, upstream, context)
+        raw = await _read_whole(upstream, state)
+        inspected = read_answer(raw, sse=False, declared=plan.codec, paths=state.field_paths)
+    except NotInspectable as refusal:
+        return _not_inspectable(state, refusal)
+    texts = inspected.texts
+    decision = decide(request, Stage.RESPONSE, texts.text, context, texts.path_at)
+    if not decision.blocked:
+        return _release(upstream, raw)
+    payload = inspected.payload
+    # Rewritten only where the rewritten body reads as the original did: one UTF-8 JSON reading.
+    messages = payload.get("messages") if inspected.plain and isinstance(payload, dict) else None
     if not isinstance(messages, list):
-        decision = decide(request, Stage.RESPONSE, raw.decode("utf-8", errors="replace"), context)
-        if decision.blocked:
-            return json_response(403, block_body(decision))
-        body = raw
-    else:
-        withheld = 0
-        for message in messages:
-            if not isinstance(message, dict) or message.get("role") != "assistant":
-                continue
-            content = message.get("content")
-            if not isinstance(content, str):
-                continue
-            decision = decide(request, Stage.RESPONSE, content, context)
-            if decision.blocked:
-                message["content"] = withheld_notice(decision)
-                message["policyWithheld"] = True
-                withheld += 1
-        body = jsonlib.dumps(payload) if withheld else raw
-    return web.Response(
-        status=upstream.status,
-        reason=upstream.reason,
-        body=body,
-        headers=response_headers(upstream, keep_length=False),
-    )
+        return json_response(403, block_body(decision))
+    outcome = _withhold(request, context, payload, messages, texts, decision)
+    if isinstance(outcome, bytes):
+        return _release(upstream, outcome)
+    return json_response(403, block_body(outcome))
+
+
+_MESSAGE = re.compile(r"\$\.messages\[(\d+)\]")
+# What a withheld message keeps of the original, where no block matched it.
+_KEPT = ("id", "role", "createdAt")
+
+
+def _withhold(
+    request: web.Request,
+    context: Context,
+    payload: dict[str, Any],
+    messages: list[Any],
+    texts: Texts,
+    decision: Decision,
+) -> bytes | Decision:
+    """The body with every hit message withheld, once clean; else the decision that refuses it."""
+    hits: dict[int, set[str]] = {}
+    notices: dict[int, str] = {}
+    while True:
+        found = _hit_messages(texts, decision)
+        # A match outside the messages, or one that withholding more cannot remove: refused.
+        if found is None or all(paths <= hits.get(index, set()) for index, paths in found.items()):
+            return decision
+        for index, paths in found.items():
+            hits.setdefault(index, set()).update(paths)
+            notices.setdefault(index, withheld_notice(decision))
+        payload["messages"] = [
+            _withheld(message, index, hits[index], notices[index]) if index in hits else message
+            for index, message in enumerate(messages)
+        ]
+        texts = collect(payload)
+        decision = judge(request, Stage.RESPONSE, texts.text, context)
+        if not decision.blocked:
+            return jsonlib.dumps(payload)
+        # The rewritten body still blocks: its blocks are reported (its other violations were,
+        # with the first decision), as they may be what refuses the answer.
+        request.app[STATE].observer.violations(
+            decision,
+            blocking(decision),
+            request.get(INFO) or RequestInfo(),
+            _slicer(texts.text),
+            texts.path_at,
+        )
+
+
+def _slicer(text: str) -> Callable[[int, int], str]:
+    return lambda start, end: text[start:end]
+
+
+def _hit_messages(texts: Texts, decision: Decision) -> dict[int, set[str]] | None:
+    """The paths each message has under a block's matches; None if a match falls elsewhere."""
+    hits: dict[int, set[str]] = {}
+    for violation in blocking(decision):
+        if not violation.spans:
+            return None
+        for span in violation.spans:
+            for path in texts.paths_between(span.start, span.end):
+                found = _MESSAGE.match(path)
+                if found is None:
+                    return None
+                hits.setdefault(int(found[1]), set()).add(path)
+    return hits
+
+
+def _withheld(message: Any, index: int, hit: set[str], notice: str) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    if isinstance(message, dict):
+        for name in _KEPT:
+            value = message.get(name)
+            where = f"$.messages[{index}].{name}"
+            clean = where not in hit and f"{where} (key)" not in hit
+            if clean and isinstance(value, str | int) and not isinstance(value, bool):
+                kept[name] = value
+    return {**kept, "content": notice, "policyWithheld": True}

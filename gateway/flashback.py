@@ -8,15 +8,29 @@ from typing import Any
 from gateway import jsonlib
 from gateway.policy import Decision, Stage, Violation
 
-# Where an answer of the conversation API carries text meant for the user. `message` is what
-# the backend sends today; the others are the shapes the docs say may come.
+# Where an answer carries the text meant for the user: what is counted as response tokens, and,
+# in a stream, the text a client joins from event to event (so a match split across events is
+# still seen whole). It does not limit what is inspected: every string of an answer is.
+# `message` is what the backend sends today; the others are the shapes the docs say may come,
+# and the streaming shapes of the common model APIs.
 DEFAULT_RESPONSE_FIELDS = (
     "message",
     "content",
     "response",
     "text",
+    "delta",  # OpenAI Responses API events: {"type": "response.output_text.delta", "delta": ...}
+    "message.content",  # Ollama
     "choices[].message.content",
     "choices[].delta.content",
+    "choices[].delta.reasoning_content",
+    "choices[].delta.refusal",
+    "choices[].delta.tool_calls[].function.arguments",
+    "choices[].text",  # OpenAI completions
+    "delta.text",  # Anthropic text_delta
+    "delta.partial_json",  # Anthropic input_json_delta
+    "delta.thinking",  # Anthropic thinking_delta
+    "delta.message.content.text",  # Cohere v2
+    "candidates[].content.parts[].text",  # Gemini
 )
 
 POLICY_BLOCKED = "POLICY_BLOCKED"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +31,16 @@ class TooDeep(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Texts:
-    """The joined text, and where each piece of it starts and which path it came from."""
+    """The joined text, and where each piece of it starts and which path it came from.
+
+    ``fields`` holds the non-empty strings found at the field paths ``collect`` was asked for
+    (where a reply carries its text, for token counting), in document order.
+    """
 
     text: str
     starts: tuple[int, ...]
     paths: tuple[str, ...]
+    fields: tuple[str, ...] = ()
 
     def path_at(self, offset: int) -> str:
         """The path of the piece that holds character ``offset`` of ``text``."""
@@ -45,26 +51,86 @@ class Texts:
     def paths_of(self, spans: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> list[str]:
         return list(dict.fromkeys(self.path_at(start) for start, _ in spans))
 
+    def paths_between(self, start: int, end: int) -> list[str]:
+        """The paths of every piece that characters ``start`` to ``end`` touch."""
+        if not self.paths:
+            return ["$"]
+        first = max(0, bisect.bisect_right(self.starts, start) - 1)
+        last = max(first, bisect.bisect_left(self.starts, max(start + 1, end)) - 1)
+        return list(self.paths[first : last + 1])
 
-def collect(value: Any, *, max_depth: int = MAX_DEPTH) -> Texts:
-    """Every string, number and object key of ``value``, in document order."""
+
+def collect(
+    value: Any,
+    *,
+    max_depth: int = MAX_DEPTH,
+    fields: Sequence[tuple[str, ...]] = (),
+    apart: bool = False,
+    root: str = "$",
+) -> Texts:
+    """Every string, number and object key of ``value``, in document order.
+
+    ``fields`` are field paths as ``flashback.parse_field_path`` gives them; the strings found
+    there are also listed in ``Texts.fields``, and with ``apart`` only there, not in the text.
+    """
     pieces: list[str] = []
     paths: list[str] = []
-    _walk(value, "$", 0, max_depth, pieces, paths)
+    found: list[str] = []
+    _walk(value, root, 0, max_depth, pieces, paths, tuple(fields), found, apart)
+    return _texts(pieces, paths, tuple(found))
+
+
+def piece(text: str, path: str) -> Texts:
+    """A text of one piece."""
+    return Texts(text, (0,), (path,))
+
+
+def join(parts: Sequence[Texts]) -> Texts:
+    """Several texts as one, each part's paths and fields kept, parts separated as pieces are."""
+    if len(parts) == 1:
+        return parts[0]
+    starts: list[int] = []
+    paths: list[str] = []
+    offset = 0
+    for part in parts:
+        starts += (offset + start for start in part.starts)
+        paths += part.paths
+        offset += len(part.text) + len(SEPARATOR)
+    text = SEPARATOR.join(part.text for part in parts)
+    return Texts(text, tuple(starts), tuple(paths), tuple(f for part in parts for f in part.fields))
+
+
+def _texts(pieces: list[str], paths: list[str], found: tuple[str, ...] = ()) -> Texts:
     starts: list[int] = []
     offset = 0
-    for piece in pieces:
+    for text in pieces:
         starts.append(offset)
-        offset += len(piece) + len(SEPARATOR)
-    return Texts(SEPARATOR.join(pieces), tuple(starts), tuple(paths))
+        offset += len(text) + len(SEPARATOR)
+    return Texts(SEPARATOR.join(pieces), tuple(starts), tuple(paths), found)
 
 
 def _key_path(path: str, key: str, position: int) -> str:
     return f"{path}.{key}" if _PLAIN_KEY.fullmatch(key) else f"{path}.<key {position}>"
 
 
-def _walk(value: Any, path: str, depth: int, limit: int, pieces: list[str], paths: list[str]) -> None:
+def _walk(
+    value: Any,
+    path: str,
+    depth: int,
+    limit: int,
+    pieces: list[str],
+    paths: list[str],
+    cursors: tuple[tuple[str, ...], ...],
+    found: list[str],
+    apart: bool,
+) -> None:
+    # ``cursors``: what is left of each field path that led here; () means one ends here.
     if isinstance(value, str):
+        if cursors and () in cursors:
+            if value:
+                found.append(value)
+            if apart:
+                return
         pieces.append(value)
         paths.append(path)
     elif isinstance(value, dict):
@@ -74,12 +140,14 @@ def _walk(value: Any, path: str, depth: int, limit: int, pieces: list[str], path
             where = _key_path(path, key, position)
             pieces.append(key)
             paths.append(where + " (key)")
-            _walk(item, where, depth + 1, limit, pieces, paths)
+            inner = tuple(c[1:] for c in cursors if c and c[0] == key) if cursors else ()
+            _walk(item, where, depth + 1, limit, pieces, paths, inner, found, apart)
     elif isinstance(value, list):
         if depth >= limit:
             raise TooDeep(f"JSON nested deeper than {limit} levels")
+        inner = tuple(c[1:] for c in cursors if c and c[0] == "[]") if cursors else ()
         for index, item in enumerate(value):
-            _walk(item, f"{path}[{index}]", depth + 1, limit, pieces, paths)
+            _walk(item, f"{path}[{index}]", depth + 1, limit, pieces, paths, inner, found, apart)
     elif isinstance(value, int | float) and not isinstance(value, bool):
         # A card or account number is as readable in a number as in a string.
         pieces.append(repr(value))

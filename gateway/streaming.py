@@ -13,6 +13,12 @@ follow them. A match ending in newly arrived text starts at most ``holdback`` ch
 before that text, so the window evaluated on each arrival sees it whole while none of its
 characters has been released yet. Rules that judge the whole text (``all``, ``not``,
 ``max_tokens``) judge only that window.
+
+The stream text is what a client joins from event to event: the answer fields of each event's
+JSON data (``response_fields``), a JSON string data payload, or data that is not JSON. Everything
+else of an event (object keys and other values, comment, ``event:``, ``id:`` and other lines) is
+its side text: nothing joins it across events, so it is evaluated whole, on its own, before the
+event enters the guard (``StreamGuard.side``); a block there ends the stream the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import jsonlib
-from gateway.flashback import extract_texts
+from gateway.json_texts import Texts, collect, join
 from gateway.policy import Action, Context, Decision, RuleSet, Span, Stage, Violation, evaluate
 from gateway.policy.ruleset import AllNode, AnyNode, MaxTokensNode, Node, NotNode, ProbeNode
 
@@ -42,6 +48,11 @@ WINDOW_CONTEXT = 16
 # An empty line ends an event; a line ends with CRLF, LF or CR, and a CRLF is never two ends.
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
 _LINE_END = re.compile(r"\r\n|\n|\r")
+
+
+# Clean side texts a guard remembers, and the longest it remembers.
+_REMEMBERED_SIDES = 64
+_REMEMBERED_SIDE = 4096
 
 
 class EventTooLarge(ValueError):
@@ -86,25 +97,86 @@ class SSESplitter:
         return bytes(event)
 
 
-def sse_event_text(event: bytes, paths: Sequence[tuple[str, ...]]) -> str:
-    """The text of one event that a user would read."""
-    data = [
-        value[1:] if value.startswith(" ") else value
-        for line in _LINE_END.split(event.decode("utf-8", errors="replace"))
-        if line and not line.startswith(":")
-        for field, _, value in [line.partition(":")]
-        if field == "data"
-    ]
+@dataclass(frozen=True, slots=True)
+class EventTexts:
+    """One event as a client reads it: ``text`` continues the stream text, ``side`` is the rest."""
+
+    text: str
+    side: Texts
+    payload: Any = None  # the data, parsed, when it is JSON
+
+
+_NO_SIDE = Texts("", (), ())
+# Where a line of an event sits, for audit records (a field name is never quoted: the upstream
+# chose it, and it may be the secret itself).
+_LINE_PATHS = {"": "comment line", "event": "event line", "id": "id line", "retry": "retry line"}
+
+
+def read_event(event: bytes, paths: Sequence[tuple[str, ...]]) -> EventTexts:
+    """Every line of one event: the data decoded as JSON when it is JSON, the others as they are.
+
+    Raises ``json_texts.TooDeep`` for data nested too deeply to walk.
+    """
+    decoded = event.decode("utf-8", errors="replace")
+    # A client drops a byte order mark at the start of the stream; reading the line without it
+    # wherever it is reads at least what the client reads.
+    if decoded.startswith("\ufeff"):
+        decoded = decoded[1:]
+    data: list[str] = []
+    lines: list[str] = []
+    line_paths: list[str] = []
+    for line in _LINE_END.split(decoded):
+        if not line:
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+        else:
+            lines.append(line)
+            line_paths.append(_LINE_PATHS.get(field, "field line"))
+    side = _NO_SIDE if not lines else Texts("\n".join(lines), _starts(lines), tuple(line_paths))
+    if not data:
+        return EventTexts("", side)
     joined = "\n".join(data)
     if joined == "[DONE]":
-        return ""
+        return EventTexts("", side)
     try:
         payload = jsonlib.loads(joined)
     except ValueError:
-        return joined
-    if isinstance(payload, dict | list):
-        return "".join(extract_texts(payload, paths))
-    return joined
+        return EventTexts(joined, side)
+    if isinstance(payload, str):
+        return EventTexts(payload, side, payload)
+    if not isinstance(payload, dict | list):
+        return EventTexts(joined, side, payload)
+    texts = collect(payload, fields=paths, apart=True, root="data")
+    whole = join((side, texts)) if lines else texts
+    return EventTexts("".join(texts.fields), whole, payload)
+
+
+def _starts(pieces: list[str]) -> tuple[int, ...]:
+    starts, offset = [], 0
+    for line in pieces:
+        starts.append(offset)
+        offset += len(line) + 1
+    return tuple(starts)
+
+
+def sse_event_text(event: bytes, paths: Sequence[tuple[str, ...]]) -> str:
+    """The text of one event that continues the stream text (see ``read_event``)."""
+    return read_event(event, paths).text
+
+
+def sse_texts(body: bytes, paths: Sequence[tuple[str, ...]]) -> Texts:
+    """A whole event stream read at once: the stream text, then every event's side text.
+
+    ``Texts.fields`` holds each event's stream text. Raises ``json_texts.TooDeep``.
+    """
+    splitter = SSESplitter(max_event_bytes=len(body) + 1)
+    events = [*splitter.feed(body), splitter.flush()]
+    read = [read_event(event, paths) for event in events if event]
+    stream = [texts.text for texts in read if texts.text]
+    whole = join((Texts("".join(stream), (0,), ("stream text",)), *(t.side for t in read if t.side.text)))
+    return Texts(whole.text, whole.starts, whole.paths, tuple(stream))
 
 
 def holdback_chars(ruleset: RuleSet, stage: Stage, cap: int) -> int:
@@ -173,6 +245,8 @@ class StreamGuard:
         # again, cut at the window's start or grown at its end, is the same match.
         self._reported: dict[str, int] = {}
         self._closed = False
+        self._clean_sides: set[str] = set()
+        self._allowed = Decision(stage, Action.ALLOW, ruleset.revision)
 
     def feed(self, event: bytes, text: str) -> StreamStep:
         self._check_open()
@@ -201,6 +275,26 @@ class StreamGuard:
                 return StreamStep((), blocked, violations, matched)
             return StreamStep(self._release(self._end - self._holdback), None, violations, matched)
         return StreamStep(self._release(self._end - self._holdback), None, violations)
+
+    def side(self, text: str) -> Decision:
+        """Evaluate the side text of the next event, before ``feed`` takes the event.
+
+        Nothing joins side text across events, so it is evaluated on its own; a block closes
+        the guard as a block in the stream text does. Clean side texts are remembered (events
+        of one stream mostly repeat theirs), so that each is evaluated once.
+        """
+        self._check_open()
+        if not text or text in self._clean_sides:
+            return self._allowed
+        decision = evaluate(self._ruleset, self._stage, text, self._context)
+        if decision.blocked:
+            self._closed = True
+            self._held.clear()
+        elif not decision.violations and len(text) <= _REMEMBERED_SIDE:
+            if len(self._clean_sides) >= _REMEMBERED_SIDES:
+                self._clean_sides.clear()
+            self._clean_sides.add(text)
+        return decision
 
     def finish(self) -> StreamStep:
         """Release every held event: all their text has already been evaluated."""

@@ -362,7 +362,7 @@ async def test_stream_events_are_released_before_the_stream_ends(
 async def test_assistant_messages_that_hit_a_block_rule_are_withheld(
     gateway: TestServer, upstream: tuple[Upstream, TestServer], client: aiohttp.ClientSession
 ) -> None:
-    """The hit message's content is replaced by a notice; the rest is untouched."""
+    """The hit message is replaced by a notice; the other messages are untouched."""
     messages = [
         {"id": "1", "role": "user", "content": "what is the key?", "createdAt": "t1"},
         {"id": "2", "role": "assistant", "content": f"It is {KEY}", "model": "m", "createdAt": "t2"},
@@ -384,10 +384,10 @@ async def test_assistant_messages_that_hit_a_block_rule_are_withheld(
     withheld = body["messages"][1]
     assert withheld["policyWithheld"] is True
     assert withheld["content"] == "[This message was withheld by policy: AWS access key id]"
+    # A withheld message keeps only its id, role and time, where no block matched them.
     assert {k: v for k, v in withheld.items() if k not in {"content", "policyWithheld"}} == {
         "id": "2",
         "role": "assistant",
-        "model": "m",
         "createdAt": "t2",
     }
     assert upstream[0].received[0].raw_path == "/conversation/c-9/messages"
@@ -572,7 +572,7 @@ async def test_a_stream_event_too_large_to_inspect_ends_the_stream(
     assert b"z" * 100 not in received
     assert received.endswith(b"\n\n")
     error = json.loads(received.split(b"event: error\ndata: ")[-1])
-    assert error["error_code"] == "RESPONSE_BLOCKED"
+    assert error["error_code"] == "ANSWER_NOT_INSPECTABLE"
 
 
 async def test_a_chunked_text_answer_is_guarded_like_a_stream(

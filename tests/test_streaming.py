@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.flashback import parse_field_path
+from gateway import streaming
+from gateway.flashback import DEFAULT_RESPONSE_FIELDS, parse_field_path
 from gateway.policy import Action, Context, RuleSet, Span, Stage, Violation, compile_ruleset, load_ruleset
 from gateway.streaming import (
     EventTooLarge,
@@ -19,11 +20,14 @@ from gateway.streaming import (
     StreamGuard,
     StreamStep,
     holdback_chars,
+    read_event,
     sse_event_text,
+    sse_texts,
 )
 
 KEY = "AKIAIOSFODNN7EXAMPLE"
 DELTA = (parse_field_path("choices[].delta.content"),)
+FIELDS = tuple(parse_field_path(path) for path in DEFAULT_RESPONSE_FIELDS)
 
 POLICIES = r"""
 policies:
@@ -210,6 +214,58 @@ def test_splitter_refuses_a_too_large_event(chunks: list[bytes]) -> None:
 def test_event_text(event: bytes, text: str) -> None:
     """An event's text is what a user reading the stream would see."""
     assert sse_event_text(event, DELTA) == text
+
+
+@pytest.mark.parametrize(
+    ("event", "text", "side", "paths"),
+    [
+        pytest.param(
+            b'data: {"id": "c1", "choices": [{"delta": {"content": "hi"}}]}\n\n',
+            "hi",
+            "id\nc1\nchoices\ndelta\ncontent",
+            ["data.id (key)", "data.id", "data.choices (key)", "data.choices[0].delta (key)",
+             "data.choices[0].delta.content (key)"],
+            id="the answer field is stream text and every other key and value is side text",
+        ),
+        pytest.param(
+            b'data: {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "hi"}}\n\n',
+            "hi",
+            "type\ncontent_block_delta\ndelta\ntype\ntext_delta\ntext",
+            None,
+            id="Anthropic's delta.text is stream text",
+        ),
+        pytest.param(b'data: "\\u0041B"\n\n', "AB", "", [], id="a JSON string payload is decoded"),
+        pytest.param(b"data: [1, 2]\n\n", "", "1\n2", None, id="a JSON list's numbers are side text"),
+        pytest.param(
+            b": ping\r\nevent: delta\r\nid: 7\r\nretry: 5\r\nx: y\r\nbare\r\ndata: t\r\n\r\n",
+            "t",
+            ": ping\nevent: delta\nid: 7\nretry: 5\nx: y\nbare",
+            ["comment line", "event line", "id line", "retry line", "field line", "field line"],
+            id="every line other than data is side text, named by its kind only",
+        ),
+        pytest.param(
+            b'\xef\xbb\xbfdata: "x"\n\n', "x", "", [], id="a byte order mark before the field is dropped"
+        ),
+        pytest.param(b"data: 42\n\n", "42", "", [], id="a JSON number payload is stream text as it is"),
+        pytest.param(b": a comment\n\n", "", ": a comment", None, id="a comment alone is side text"),
+    ],
+)  # fmt: skip
+def test_read_event(event: bytes, text: str, side: str, paths: list[str] | None) -> None:
+    """Stream text is what a client joins across events; the side text is all the rest."""
+    read = read_event(event, FIELDS)
+    assert (read.text, read.side.text) == (text, side)
+    if paths is not None:
+        assert list(read.side.paths) == paths
+
+
+def test_a_whole_event_stream_reads_its_stream_text_then_its_side_texts() -> None:
+    """Read at once, a stream's text is joined across events and followed by each side text."""
+    body = _delta("AKIAIOSF") + b": note\n" + _delta("ODNN7EXAMPLE") + b"data: [DONE]"
+    texts = sse_texts(body, DELTA)
+    assert texts.text.split("\n")[0] == KEY
+    assert texts.fields == ("AKIAIOSF", "ODNN7EXAMPLE")
+    assert texts.path_at(0) == "stream text"
+    assert ": note" in texts.text
 
 
 # holdback_chars
@@ -400,6 +456,47 @@ def test_a_blocked_guard_refuses_more(ruleset: RuleSet, holdback: int, after: ob
         after(guard)  # type: ignore[operator]
 
 
+def test_a_side_text_with_a_key_blocks_and_closes_the_guard(ruleset: RuleSet, holdback: int) -> None:
+    """A block in an event's side text ends the stream: the held events are never released."""
+    guard = _guard(ruleset, holdback)
+    assert guard.feed(b"e1", "hello").release == ()
+    decision = guard.side(f"id: {KEY}")
+    assert decision.blocked
+    assert [v.spans for v in decision.violations] == [(Span(4, 4 + len(KEY)),)]
+    with pytest.raises(RuntimeError):
+        guard.finish()
+
+
+def test_a_side_text_alert_is_reported_and_the_stream_goes_on(ruleset: RuleSet, holdback: int) -> None:
+    """A side text with only an alert match is allowed; the guard stays open."""
+    guard = _guard(ruleset, holdback)
+    decision = guard.side("event: TICKET-5")
+    assert (decision.action, [v.rule_id for v in decision.violations]) == (Action.ALERT, ["t.ticket"])
+    assert guard.feed(b"e", "x" * 30).blocked is None
+    assert guard.finish().release == (b"e",)
+
+
+def test_a_clean_side_text_is_evaluated_once(
+    ruleset: RuleSet, holdback: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events of a stream repeat their side text: a clean one is not evaluated again."""
+    calls: list[str] = []
+    real = streaming.evaluate
+
+    def counting(*args: object) -> object:
+        calls.append(str(args[2]))
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(streaming, "evaluate", counting)
+    guard = _guard(ruleset, holdback)
+    for _ in range(3):
+        assert not guard.side("id\nc1\nchoices").violations
+    assert calls == ["id\nc1\nchoices"]
+    guard.side("event: TICKET-1")
+    guard.side("event: TICKET-1")
+    assert calls.count("event: TICKET-1") == 2, "a side text with violations is reported every time"
+
+
 def test_a_finished_guard_refuses_more(ruleset: RuleSet, holdback: int) -> None:
     """After finish, feeding raises."""
     guard = _guard(ruleset, holdback)
@@ -457,7 +554,9 @@ def test_a_clean_sse_stream_is_forwarded_byte_for_byte(
     bounds = [0, *sorted(p for p in points if p < len(body)), len(body)]
     for a, b in itertools.pairwise(bounds):
         for event in splitter.feed(body[a:b]):
-            step = guard.feed(event, sse_event_text(event, DELTA))
+            read = read_event(event, DELTA)
+            assert not guard.side(read.side.text).violations
+            step = guard.feed(event, read.text)
             assert step.blocked is None
             sent += step.release
             alerts += step.violations
@@ -465,3 +564,48 @@ def test_a_clean_sse_stream_is_forwarded_byte_for_byte(
     sent += guard.finish().release
     assert b"".join(sent) == body
     assert sum(len(v.spans) for v in alerts) == words.count("TICKET-3")
+
+
+_LINE_KINDS = {
+    "comment": lambda secret: f": {secret}\n".encode(),
+    "event": lambda secret: f"event: {secret}\n".encode(),
+    "id": lambda secret: f"id: {secret}\n".encode(),
+    "other field": lambda secret: f"x-trace: {secret}\n".encode(),
+    "data key": lambda secret: b"data: " + json.dumps({secret: 1}).encode() + b"\n",
+    "data value": lambda secret: b"data: " + json.dumps({"meta": {"note": secret}}).encode() + b"\n",
+    "escaped data string": lambda secret: b'data: " \\u0041' + secret[1:].encode() + b'"\n',
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.lists(st.sampled_from(["hello", " world", "TICKET-3", "ünï"]), max_size=8),
+    kind=st.sampled_from(sorted(_LINE_KINDS)),
+    line_end=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    points=cuts,
+)
+def test_a_key_in_any_line_of_an_event_is_never_released(
+    ruleset: RuleSet, holdback: int, before: list[str], kind: str, line_end: bytes, points: list[int]
+) -> None:
+    """Whatever line of an event holds the key, however the stream is cut, none of it is sent."""
+    secret_event = (_LINE_KINDS[kind](KEY) + b"\n").replace(b"\n", line_end)
+    body = b"".join(_delta(w) for w in before) + secret_event + _delta(" after") * 5
+    splitter = SSESplitter(max_event_bytes=10_000)
+    guard = _guard(ruleset, holdback)
+    sent: list[bytes] = []
+    blocked = False
+    bounds = [0, *sorted(p for p in points if p < len(body)), len(body)]
+    pieces = [body[a:b] for a, b in itertools.pairwise(bounds)]
+    events = [event for piece in pieces for event in splitter.feed(piece)] + [splitter.flush()]
+    for event in events:
+        read = read_event(event, FIELDS)
+        if guard.side(read.side.text).blocked:
+            blocked = True
+            break
+        step = guard.feed(event, read.text)
+        sent += step.release
+        if step.blocked is not None:
+            blocked = True
+            break
+    assert blocked
+    assert b"IOSFODNN7EXAMPLE" not in b"".join(sent)

@@ -467,3 +467,38 @@ async def test_the_messages_route_with_a_fragment_is_still_inspected(
     status, body = await send(gateway, Attempt("/conversation/c1/messages#x", b"", method="GET", headers=()))
     assert status in {200, 403}
     assert CANARY.encode() not in body
+
+
+@pytest.mark.parametrize(
+    ("target", "forwarded"),
+    [
+        pytest.param("/other/path?x=1#frag", "/other/path?x=1", id="a fragment is dropped"),
+        pytest.param("http://evil.example/other?x=1", "/other?x=1", id="an absolute form is reduced"),
+        pytest.param("/conversation#x", "/conversation", id="the conversation list with a fragment"),
+    ],
+)
+async def test_the_upstream_request_line_is_the_canonical_target(
+    gateway: TestServer, express: ExpressBackend, target: str, forwarded: str
+) -> None:
+    """Passed-through requests reach the backend at the target the gateway routed on."""
+    status, _ = await send(gateway, Attempt(target, b"", method="GET", headers=()))
+    assert status != 500
+    assert [record["originalUrl"] for record in express.received()] == [forwarded]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param("*", id="an asterisk"),
+        pytest.param("conversation/c1/prompt", id="a relative path"),
+        pytest.param("http://x@/conversation/c1/prompt", id="user info without a host"),
+        pytest.param("HTTP://EVIL:99", id="an absolute form with no path"),
+    ],
+)
+async def test_odd_request_targets_are_refused_cleanly(
+    gateway: TestServer, express: ExpressBackend, target: str
+) -> None:
+    """A target that is no path is refused with a 400, never a 500, and nothing is forwarded."""
+    status, _ = await send(gateway, Attempt(target, _prompt(CANARY)))
+    assert status in {400, 403, 404}
+    assert prompt_handler_bodies(express) == []

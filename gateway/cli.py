@@ -25,6 +25,7 @@ from gateway.policy import (
     load_rules,
     load_ruleset,
 )
+from gateway.policy.loader import rule_warnings
 from gateway.policy.selftest import run_rule_tests
 from gateway.runtime import run_loop
 from gateway.usage.redis_store import RedisUsageStore
@@ -53,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    check = commands.add_parser("check", help="validate policy files; exit 1 listing every error")
+    check = commands.add_parser(
+        "check", help="validate policy files; exit 1 listing every error (warnings listed, exit 0)"
+    )
     check.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
     check.set_defaults(run=_check)
 
@@ -147,7 +150,12 @@ def _policies_option(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     rules, revision = load_rules(args.dirs)
-    print(f"ok: {len(rules)} rules, revision {revision}")
+    # Warnings load and serve; they are listed like errors, and the exit status stays 0.
+    warnings = rule_warnings(rules)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    counted = f", {len(warnings)} warning(s)" if warnings else ""
+    print(f"ok: {len(rules)} rules, revision {revision}{counted}")
     return 0
 
 

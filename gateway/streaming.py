@@ -35,7 +35,7 @@ from typing import Any
 from gateway import jsonlib
 from gateway.json_texts import Texts, collect, join
 from gateway.policy import Action, Context, Decision, RuleSet, Span, Stage, Violation, evaluate
-from gateway.policy.ruleset import AllNode, AnyNode, MaxTokensNode, Node, NotNode, ProbeNode
+from gateway.policy.ruleset import AllNode, AnyNode, ExceptNode, MaxTokensNode, Node, NotNode, ProbeNode
 
 # Python's own parser measures RE2 patterns; it has no typed stub (3.11's ``re._parser``).
 _sre_parser: Any = importlib.import_module("re._parser")
@@ -194,10 +194,14 @@ def _patterns(node: Node) -> Iterator[str]:
     match node:
         case ProbeNode(probe):
             yield probe.regex.pattern
-        case AnyNode(parts) | AllNode(parts):
+        case AnyNode(parts):
             for part in parts:
                 yield from _patterns(part)
-        case NotNode(part):
+        case AllNode(parts, exceptions):
+            # An exception is judged on its whole match: the window must hold that too.
+            for part in (*parts, *exceptions):
+                yield from _patterns(part)
+        case NotNode(part) | ExceptNode(part):
             yield from _patterns(part)
         case MaxTokensNode():
             return

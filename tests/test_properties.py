@@ -22,6 +22,11 @@ policies:
     severity: high
     action: block
     match: {all: [{regex: '\\d'}, {any: [{detector: email}, {keywords: [k]}]}]}
+  - id: p.except
+    name: E
+    severity: high
+    action: block
+    match: {all: [{regex: '[a-z]\\d'}, {except: {any: [{regex: 'z\\d'}, {keywords: [k]}]}}]}
 """
 
 _DETECTORS = ("credit_card", "iban", "us_ssn", "email", "private_key", "jwt", "generic_secret")
@@ -64,6 +69,16 @@ _pieces = st.sampled_from(
         "password = 'Zx81!qWm0Lp3'",
         "\ud800",
         "\U0001f600",
+        # Escapes that decoded views read, whole and cut short.
+        "\\n",
+        "\\u0041",
+        "\\ud83d\\ude00",
+        "\\u00",
+        "%3D",
+        "%E2%80%8B",
+        "%E2",
+        "%25",
+        "\\",
     ]
 )
 texts = st.lists(st.one_of(_pieces, st.text(max_size=8)), max_size=30).map("".join)

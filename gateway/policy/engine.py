@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 from gateway.policy.model import (
     MAX_SPANS_PER_VIOLATION,
     Action,
     Context,
     Decision,
+    Span,
     Stage,
     Violation,
 )
@@ -14,38 +17,47 @@ from gateway.policy.normalize import NormalizedText, normalize
 from gateway.policy.ruleset import (
     AllNode,
     AnyNode,
+    ExceptNode,
     MaxTokensNode,
     Node,
     NotNode,
     Probe,
     ProbeNode,
     RuleSet,
+    StagePlan,
 )
+from gateway.policy.views import DecodedView, decoded_views
 
 _NO_CONTEXT = Context()
 ByteSpans = list[tuple[int, int]]
+Found = dict[int, list[Span]]  # rule index in the plan -> spans in the evaluated text
 
 
 def evaluate(ruleset: RuleSet, stage: Stage, text: str, context: Context = _NO_CONTEXT) -> Decision:
+    """The decision on ``text``: every rule that matches it, or a decoded view of it (``views``)."""
     plan = ruleset.plan(stage)
-    normalized = normalize(text)
-    hits = plan.matcher.Match(normalized.data) if plan.matcher is not None else None
-    candidates = set(plan.always)
-    if hits:
-        candidates.update(plan.owner[index] for index in hits)
-    if not candidates:
+    found = _evaluate(plan, normalize(text), context)
+    merged: set[int] = set()  # rules that a view added spans to
+    if "\\" in text or "%" in text:
+        chain: list[DecodedView] = []
+        for view in decoded_views(text):
+            chain.append(view)
+            for rule_index, spans in _evaluate(plan, normalize(view.text), context).items():
+                # Back through each view to the text: the second view is decoded from the first.
+                mapped = spans
+                for earlier in reversed(chain):
+                    mapped = [earlier.span(span) for span in mapped]
+                found.setdefault(rule_index, []).extend(mapped)
+                merged.add(rule_index)
+    if not found:
         return Decision(stage, Action.ALLOW, ruleset.revision)
-
-    hit_set = frozenset(hits or ())
     violations: list[Violation] = []
-    for rule_index in sorted(candidates):
-        compiled = plan.rules[rule_index]
-        rule = compiled.rule
-        if not rule.scope.covers(context):
-            continue
-        spans: ByteSpans = []
-        if not _matches(compiled.node, hit_set, normalized, context, spans):
-            continue
+    for rule_index in sorted(found):
+        rule = plan.rules[rule_index].rule
+        spans = found[rule_index]
+        if rule_index in merged:
+            # A match seen in the text and in a view is one match: reported once.
+            spans = sorted(set(spans), key=_span_order)[:MAX_SPANS_PER_VIOLATION]
         violations.append(
             Violation(
                 rule_id=rule.id,
@@ -54,13 +66,95 @@ def evaluate(ruleset: RuleSet, stage: Stage, text: str, context: Context = _NO_C
                 action=rule.action,
                 mode=rule.mode,
                 stage=stage,
-                spans=tuple(
-                    normalized.span(start, end) for start, end in sorted(set(spans))[:MAX_SPANS_PER_VIOLATION]
-                ),
+                spans=tuple(spans),
             )
         )
     action = max((v.effective_action for v in violations), default=Action.ALLOW)
     return Decision(stage, action, ruleset.revision, tuple(violations))
+
+
+def _span_order(span: Span) -> tuple[int, int]:
+    return span.start, span.end
+
+
+def _evaluate(plan: StagePlan, normalized: NormalizedText, context: Context) -> Found:
+    """The rules of the plan that match one text, with their spans in that text."""
+    hits = plan.matcher.Match(normalized.data) if plan.matcher is not None else None
+    candidates = set(plan.always)
+    if hits:
+        candidates.update(plan.owner[index] for index in hits)
+    if not candidates:
+        return {}
+    hit_set = frozenset(hits or ())
+    found: Found = {}
+    for rule_index in sorted(candidates):
+        compiled = plan.rules[rule_index]
+        if not compiled.rule.scope.covers(context):
+            continue
+        spans: ByteSpans = []
+        if not _matches(compiled.node, hit_set, normalized, context, spans, None):
+            continue
+        found[rule_index] = [
+            normalized.span(start, end) for start, end in sorted(set(spans))[:MAX_SPANS_PER_VIOLATION]
+        ]
+    return found
+
+
+class _Exclusions:
+    """Where the ``except`` parts of an ``all`` match: no span of its other parts may overlap them.
+
+    Searched over the whole text, once, only when a match is there to be judged, and only for
+    the patterns the set saw somewhere in the text.
+    """
+
+    __slots__ = ("_ends", "_exceptions", "_hits", "_outer", "_starts", "_text")
+
+    def __init__(
+        self,
+        exceptions: tuple[ExceptNode, ...],
+        hits: frozenset[int],
+        text: NormalizedText,
+        outer: _Exclusions | None,
+    ) -> None:
+        self._exceptions, self._hits, self._text, self._outer = exceptions, hits, text, outer
+        self._starts: list[int] | None = None
+        self._ends: list[int] = []
+
+    def overlap(self, start: int, end: int) -> bool:
+        if self._outer is not None and self._outer.overlap(start, end):
+            return True
+        if self._starts is None:
+            self._search()
+        assert self._starts is not None
+        # The first range ending after ``start``: ranges are disjoint, so ends are sorted too.
+        index = bisect_right(self._ends, start)
+        return index < len(self._starts) and self._starts[index] < max(end, start + 1)
+
+    def _search(self) -> None:
+        found: ByteSpans = []
+        for exception in self._exceptions:
+            _exception_spans(exception.part, self._hits, self._text, found)
+        starts: list[int] = []
+        ends: list[int] = []
+        for start, end in sorted(found):
+            if starts and start <= ends[-1]:
+                ends[-1] = max(ends[-1], end)
+            else:
+                starts.append(start)
+                ends.append(end)
+        self._starts, self._ends = starts, ends
+
+
+def _exception_spans(node: Node, hits: frozenset[int], text: NormalizedText, spans: ByteSpans) -> None:
+    match node:
+        case ProbeNode(probe):
+            if probe.index in hits:
+                _probe_spans(probe, text, spans, None, limit=None)
+        case AnyNode(parts):
+            for part in parts:
+                _exception_spans(part, hits, text, spans)
+        case _:
+            raise AssertionError(f"an exception holds regex, keywords, detectors or any: {node}")
 
 
 def _matches(
@@ -69,34 +163,49 @@ def _matches(
     text: NormalizedText,
     context: Context,
     spans: ByteSpans,
+    excluded: _Exclusions | None,
 ) -> bool:
     match node:
         case ProbeNode(probe):
-            return probe.index in hits and _probe_spans(probe, text, spans)
+            return probe.index in hits and _probe_spans(probe, text, spans, excluded)
         case AnyNode(parts):
             # Every part is looked at, not only the first that matches, to report all spans.
-            found = [_matches(part, hits, text, context, spans) for part in parts]
+            found = [_matches(part, hits, text, context, spans, excluded) for part in parts]
             return any(found)
-        case AllNode(parts):
+        case AllNode(parts, exceptions):
+            if exceptions:
+                excluded = _Exclusions(exceptions, hits, text, excluded)
             collected: ByteSpans = []
-            if all(_matches(part, hits, text, context, collected) for part in parts):
+            if all(_matches(part, hits, text, context, collected, excluded) for part in parts):
                 spans.extend(collected)
                 return True
             return False
         case NotNode(part):
-            return not _matches(part, hits, text, context, [])
+            # Judged on the whole text: exclusions take matches away, never add any.
+            return not _matches(part, hits, text, context, [], None)
         case MaxTokensNode(limit):
-            if context.count_tokens(text.original) > limit:
+            if context.count_tokens(text.original) > limit and (
+                excluded is None or not excluded.overlap(0, len(text.data))
+            ):
                 spans.append((0, len(text.data)))
                 return True
             return False
+        case ExceptNode():
+            raise AssertionError("exceptions are kept apart from the parts of an all")
 
 
-def _probe_spans(probe: Probe, text: NormalizedText, spans: ByteSpans) -> bool:
+def _probe_spans(
+    probe: Probe,
+    text: NormalizedText,
+    spans: ByteSpans,
+    excluded: _Exclusions | None,
+    limit: int | None = MAX_SPANS_PER_VIOLATION,
+) -> bool:
+    """Add the probe's matches in ``text`` to ``spans``, at most ``limit`` of them not excluded."""
     data = text.data
     found = 0
     position = 0
-    while found < MAX_SPANS_PER_VIOLATION and position <= len(data):
+    while (limit is None or found < limit) and position <= len(data):
         match = probe.regex.search(data, position)
         if match is None:
             break
@@ -107,6 +216,9 @@ def _probe_spans(probe: Probe, text: NormalizedText, spans: ByteSpans) -> bool:
             candidate = data[start:end].decode("utf-8", errors="replace")
             if not probe.validate(candidate, probe.params):
                 continue
+        # An excluded match does not count towards the limit: decoys cannot crowd a key out.
+        if excluded is not None and excluded.overlap(start, end):
+            continue
         spans.append((start, end))
         found += 1
     return found > 0

@@ -20,6 +20,7 @@ from gateway.policy.model import (
     AllSpec,
     AnySpec,
     DetectorSpec,
+    ExceptSpec,
     KeywordsSpec,
     MatchSpec,
     MaxTokensSpec,
@@ -42,6 +43,8 @@ _RULE_KEYS = frozenset(
     {"id", "name", "description", "severity", "action", "mode", "stages", "scope", "match", "tests"}
 )
 _MATCH_KINDS = ("regex", "keywords", "detector", "max_tokens", "any", "all", "not")
+# ``except`` is a part of an ``all``, never a match on its own.
+_PART_KINDS = (*_MATCH_KINDS, "except")
 _EMPTY_PROBES = ("", " ", "a", "0", "\n")
 
 T = TypeVar("T")
@@ -189,28 +192,37 @@ def _tests(node: yaml.Node) -> RuleTests:
     )
 
 
-def _match_collecting(node: yaml.Node, report: Callable[[nodes.Invalid], None]) -> MatchSpec:
+def _match_collecting(
+    node: yaml.Node, report: Callable[[nodes.Invalid], None], *, in_all: bool = False
+) -> MatchSpec:
     """Parse a match spec, reporting every error inside it rather than only the first."""
     placeholder = RegexSpec("x")
+    kinds = _PART_KINDS if in_all else _MATCH_KINDS
     try:
-        fields = nodes.fields(node, _MATCH_KINDS)
+        fields = nodes.fields(node, _PART_KINDS)
     except nodes.Invalid as exc:
         report(exc)
         return placeholder
     if len(fields) != 1:
-        report(nodes.Invalid(node, f"match needs exactly one of {', '.join(_MATCH_KINDS)}"))
+        report(nodes.Invalid(node, f"match needs exactly one of {', '.join(kinds)}"))
         return placeholder
     ((kind, value),) = fields.items()
     try:
         match kind:
-            case "any" | "all":
-                items = nodes.sequence(value)
-                if not items:
-                    raise nodes.Invalid(value, f"'{kind}' needs a non-empty list of match specs")
-                parts = tuple(_match_collecting(item, report) for item in items)
-                return AnySpec(parts) if kind == "any" else AllSpec(parts)
+            case "any":
+                return AnySpec(tuple(_match_collecting(item, report) for item in _parts(value, kind)))
+            case "all":
+                return _all(value, report)
             case "not":
-                return NotSpec(_match_collecting(value, report))
+                return NotSpec(_match_collecting(value, report), line=nodes.line(node))
+            case "except":
+                if not in_all:
+                    raise nodes.Invalid(
+                        node,
+                        "'except' drops the matches of the other parts of an 'all' that it overlaps: "
+                        "it stands only directly inside 'all'",
+                    )
+                return _except(value, report)
             case "regex":
                 return _regex(value)
             case "keywords":
@@ -222,6 +234,85 @@ def _match_collecting(node: yaml.Node, report: Callable[[nodes.Invalid], None]) 
     except nodes.Invalid as exc:
         report(exc)
         return placeholder
+
+
+def _parts(node: yaml.Node, kind: str) -> list[yaml.Node]:
+    items = nodes.sequence(node)
+    if not items:
+        raise nodes.Invalid(node, f"'{kind}' needs a non-empty list of match specs")
+    return items
+
+
+def _all(node: yaml.Node, report: Callable[[nodes.Invalid], None]) -> AllSpec:
+    parts = tuple(_match_collecting(item, report, in_all=True) for item in _parts(node, "all"))
+    if any(isinstance(part, ExceptSpec) for part in parts) and not any(
+        isinstance(part, RegexSpec | KeywordsSpec | DetectorSpec | MaxTokensSpec | AnySpec | AllSpec)
+        for part in parts
+    ):
+        raise nodes.Invalid(node, "an 'all' with 'except' needs a part whose matches it excludes")
+    return AllSpec(parts)
+
+
+def _except(node: yaml.Node, report: Callable[[nodes.Invalid], None]) -> ExceptSpec:
+    part = _match_collecting(node, report)
+    if not _has_spans(part):
+        raise nodes.Invalid(
+            node, "'except' takes regex, keywords, detector, or 'any' of them: something a match can overlap"
+        )
+    return ExceptSpec(part)
+
+
+def _has_spans(spec: MatchSpec) -> bool:
+    """Whether every match of the spec is a located part of the text."""
+    match spec:
+        case RegexSpec() | KeywordsSpec() | DetectorSpec():
+            return True
+        case AnySpec(parts):
+            return all(_has_spans(part) for part in parts)
+        case _:
+            return False
+
+
+_MATCH_PARTS = (RegexSpec, KeywordsSpec, DetectorSpec, MaxTokensSpec, AnySpec, AllSpec)
+
+
+def rule_warnings(rules: Iterable[Rule]) -> list[Problem]:
+    """What loads but is likely wrong: a whole-text ``not`` beside match parts of an ``all``.
+
+    Such a ``not`` is judged on the whole text, so an example value anywhere (a placeholder,
+    a documented test key) switches the rule off for a real match beside it; ``except``
+    judges each match instead.
+    """
+    warnings: list[Problem] = []
+    for rule in rules:
+        for spec in _walk(rule.match):
+            if not isinstance(spec, AllSpec) or not any(isinstance(p, _MATCH_PARTS) for p in spec.parts):
+                continue
+            warnings.extend(
+                Problem(rule.source, part.line or rule.line, rule.id, NOT_BESIDE_MATCHES)
+                for part in spec.parts
+                if isinstance(part, NotSpec)
+            )
+    return warnings
+
+
+NOT_BESIDE_MATCHES = (
+    "warning: 'not' inside 'all' is judged on the whole text: one excluded value anywhere "
+    "(a placeholder, an example key) switches the rule off for a real match beside it; "
+    "to exclude the matches themselves, write 'except:' (judged per match)"
+)
+
+
+def _walk(spec: MatchSpec) -> Iterable[MatchSpec]:
+    yield spec
+    match spec:
+        case AnySpec(parts) | AllSpec(parts):
+            for part in parts:
+                yield from _walk(part)
+        case NotSpec(part) | ExceptSpec(part):
+            yield from _walk(part)
+        case _:
+            return
 
 
 def _regex(node: yaml.Node) -> RegexSpec:

@@ -100,10 +100,20 @@ class AllSpec:
 
 @dataclass(frozen=True, slots=True)
 class NotSpec:
+    """Matches when its part matches nowhere in the text (judged on the whole text)."""
+
+    part: MatchSpec
+    line: int = field(default=0, compare=False)  # where it was written, for `gateway check`
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptSpec:
+    """Inside ``all``: a match of the other parts that one of these matches overlaps is dropped."""
+
     part: MatchSpec
 
 
-MatchSpec = RegexSpec | KeywordsSpec | DetectorSpec | MaxTokensSpec | AnySpec | AllSpec | NotSpec
+MatchSpec = RegexSpec | KeywordsSpec | DetectorSpec | MaxTokensSpec | AnySpec | AllSpec | NotSpec | ExceptSpec
 
 
 @dataclass(frozen=True, slots=True)

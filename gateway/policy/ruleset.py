@@ -3,7 +3,8 @@
 Every regex, keyword and detector candidate of a stage becomes one probe in a single
 ``re2.Set``: one pass over the text says which probes hit, and only the rules owning those
 probes are looked at again. Rules that can match with no probe hitting (``not``,
-``max_tokens``) are evaluated on every text of their stage.
+``max_tokens``) are evaluated on every text of their stage. The patterns of an ``except`` join
+the set too: they are searched only in a text where the set saw them and the rule found a match.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gateway.policy.model import (
     AllSpec,
     AnySpec,
     DetectorSpec,
+    ExceptSpec,
     KeywordsSpec,
     MatchSpec,
     MaxTokensSpec,
@@ -54,8 +56,17 @@ class AnyNode:
 
 
 @dataclass(frozen=True, slots=True)
+class ExceptNode:
+    """Spans of ``part`` (probes outside the set) that the other parts' matches must not overlap."""
+
+    part: Node
+
+
+@dataclass(frozen=True, slots=True)
 class AllNode:
     parts: tuple[Node, ...]
+    # Written as parts of the ``all``; kept apart, since they match nothing themselves.
+    exceptions: tuple[ExceptNode, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +79,7 @@ class MaxTokensNode:
     limit: int
 
 
-Node = ProbeNode | AnyNode | AllNode | NotNode | MaxTokensNode
+Node = ProbeNode | AnyNode | AllNode | NotNode | MaxTokensNode | ExceptNode
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +153,16 @@ class _PlanBuilder:
             case AnySpec(parts):
                 return AnyNode(tuple(self._node(part, rule_index) for part in parts))
             case AllSpec(parts):
-                return AllNode(tuple(self._node(part, rule_index) for part in parts))
+                return AllNode(
+                    tuple(self._node(p, rule_index) for p in parts if not isinstance(p, ExceptSpec)),
+                    tuple(
+                        ExceptNode(self._node(p.part, rule_index)) for p in parts if isinstance(p, ExceptSpec)
+                    ),
+                )
             case NotSpec(part):
                 return NotNode(self._node(part, rule_index))
+            case ExceptSpec():
+                raise AssertionError("the loader accepts 'except' only inside 'all'")
 
     def build(self, stage: Stage, set_max_mem: int) -> StagePlan:
         matcher = None
@@ -179,9 +197,12 @@ def _may_match_without_probes(node: Node) -> bool:
         case AnyNode(parts):
             return any(_may_match_without_probes(part) for part in parts)
         case AllNode(parts):
+            # Exceptions only take matches away: they never make a rule match.
             return all(_may_match_without_probes(part) for part in parts)
         case NotNode():
             return True
+        case ExceptNode():
+            return False
 
 
 def compile_ruleset(rules: tuple[Rule, ...], revision: str, *, set_max_mem: int = SET_MAX_MEM) -> RuleSet:

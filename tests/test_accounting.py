@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.cli import main
 from gateway.config import Budget
+from gateway.json_texts import collect
 from gateway.metrics import Metrics
 from gateway.observe import Observer
 from gateway.state import GatewayState
@@ -227,17 +228,20 @@ async def test_gateway_usage_reads_a_workspace_from_redis(
 
 
 async def test_max_tokens_rules_count_with_the_requests_tokenizer(aiohttp_server: Any, tmp_path: Any) -> None:
-    """A max_tokens rule counts the prompt's tokens as the request's model does, not characters."""
-    (tmp_path / "p.yaml").write_text(
-        "policies:\n  - {id: size.cap, name: Too long, severity: low, action: block, "
-        "stages: [prompt], match: {max_tokens: 8}}\n"
-    )
-    _, upstream = await start_upstream(aiohttp_server)
-    gateway, _, _ = await start_gateway(aiohttp_server, str(upstream.make_url("/")), policies=[tmp_path])
+    """A max_tokens rule counts the body's tokens (every field, as it evaluates every field) as
+    the request's model does, not characters."""
     counter = TokenCounter()
     short = " ".join(["word"] * 8)  # 8 tokens, 39 characters: over 8 by a 4-characters estimate
     long = " ".join(["word"] * 9)
     assert (counter.count(short, "gpt-4o"), counter.count(long, "gpt-4o")) == (8, 9)
+    limit = counter.count(collect({"prompt": short, "model": "gpt-4o"}).text, "gpt-4o")
+    assert counter.count(collect({"prompt": long, "model": "gpt-4o"}).text, "gpt-4o") == limit + 1
+    (tmp_path / "p.yaml").write_text(
+        "policies:\n  - {id: size.cap, name: Too long, severity: low, action: block, "
+        f"stages: [prompt], match: {{max_tokens: {limit}}}}}\n"
+    )
+    _, upstream = await start_upstream(aiohttp_server)
+    gateway, _, _ = await start_gateway(aiohttp_server, str(upstream.make_url("/")), policies=[tmp_path])
     async with aiohttp.ClientSession() as client:
         assert await _post(client, gateway, "c", short, {}, model="gpt-4o") == 200
         assert await _post(client, gateway, "c", long, {}, model="gpt-4o") == 403

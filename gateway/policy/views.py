@@ -113,7 +113,7 @@ def decode(text: str) -> DecodedView | None:
         if found is not None:
             after = found.end()
             escape = found.group()
-            if len(escape) == 3 and escape[1] < "8":  # one ASCII byte, the usual case
+            if escape[0] == "%" and len(escape) == 3 and escape[1] < "8":  # one ASCII byte: usual
                 pieces += (text[done:position], chr(int(escape[1:], 16)))
                 decoded.append((position, after))
                 done = after

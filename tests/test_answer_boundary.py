@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import gzip
 import json
 import re
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class Expect:
 BLOCKED = Expect("blocked")  # 403 RESPONSE_BLOCKED instead of the answer
 STREAM_BLOCKED = Expect("stream blocked")  # the stream ends with an error carrying RESPONSE_BLOCKED
 REFUSED = Expect("refused")  # 502 ANSWER_NOT_INSPECTABLE
+STREAM_REFUSED = Expect("stream refused")  # the stream ends with an error carrying ANSWER_NOT_INSPECTABLE
 UNCHANGED = Expect("unchanged")  # status and bytes as the upstream sent them
 
 
@@ -91,6 +93,12 @@ def delta(text: str) -> bytes:
 
 def anthropic(text: str) -> bytes:
     return event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
+
+
+def nested(depth: int, value: Any) -> Any:
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def listing(*messages: Any, **extra: Any) -> bytes:
@@ -155,6 +163,18 @@ WHOLE = [
         "an unknown charset is refused as not inspectable"),
     row("prompt", Answer(headers=text("base64"), body=b"QUtJQUlPU0ZPRE5ON0VYQU1QTEU="), REFUSED,
         "a codec that is not a text encoding is refused as not inspectable"),
+    row("prompt", Answer(headers=(("Content-Type", "text/plain; charset=utf-8; charset=utf-16le"),),
+                         body=f"key {KEY}".encode("utf-16-le")),
+        REFUSED, "two charsets in one content type are refused as not inspectable"),
+    row("prompt", Answer(headers=(("Content-Type", "application/json"), ("Content-Type", "text/plain")),
+                         body=js({"m": KEY})),
+        REFUSED, "two content types are refused as not inspectable"),
+    row("prompt", Answer(headers=(*JSON, ("Content-Encoding", "gzip")), body=gzip.compress(js({"m": KEY}))),
+        REFUSED, "a compressed answer is refused as not inspectable"),
+    row("prompt", Answer(body=js({"a": nested(100, f"x {KEY}")})), REFUSED,
+        "JSON nested deeper than the gateway walks is refused as not inspectable"),
+    row("prompt", Answer(body=b"[" * 5000 + b'"' + ESCAPED_KEY.encode() + b'"' + b"]" * 5000), REFUSED,
+        "JSON nested deeper than a parser recurses is refused as not inspectable"),
     # Upstream errors are answers too.
     row("prompt", Answer(status=404, body=js({"success": False, "message": f"no {KEY}"})), BLOCKED,
         "a key in a 404 answer to a prompt is blocked"),
@@ -242,6 +262,8 @@ STREAMS = [
     row("prompt", Answer(headers=(("Content-Type", "text/event-stream; charset=utf-16le"),),
                          chunks=(f"data: {KEY}\n\n".encode("utf-16-le"),)),
         REFUSED, "an event stream in a charset other than UTF-8 is refused"),
+    row("prompt", Answer(headers=SSE, chunks=(delta("fine "), event(nested(100, KEY)), delta(" end"))),
+        STREAM_REFUSED, "an event nested deeper than the gateway walks ends the stream"),
     # Chunked text: decoded by its declared charset, incrementally.
     row("prompt", Answer(headers=text("utf-16le"), chunks=tuple(
             part.encode("utf-16-le") for part in ("The key is ", KEY[:7], KEY[7:], " and more words."))),
@@ -346,11 +368,11 @@ def serve(recorder: Upstream, answer: Answer) -> None:
         if answer.chunks is None:
             response = web.Response(status=answer.status, body=answer.body)
             for name, value in answer.headers:
-                response.headers[name] = value
+                response.headers.add(name, value)
             return response
         streamed = web.StreamResponse(status=answer.status)
         for name, value in answer.headers:
-            streamed.headers[name] = value
+            streamed.headers.add(name, value)
         await streamed.prepare(request)
         for chunk in answer.chunks:
             await streamed.write(chunk)
@@ -407,10 +429,11 @@ def check(expect: Expect, answer: Answer, status: int, body: bytes) -> None:
     elif expect.kind == "refused":
         assert status == 502, body[:300]
         assert json.loads(body)["error_code"] == "ANSWER_NOT_INSPECTABLE"
-    elif expect.kind == "stream blocked":
+    elif expect.kind in {"stream blocked", "stream refused"}:
         assert status == answer.status
         error = body.rstrip(b"\n").rsplit(b"\n", 1)[-1].removeprefix(b"data: ")
-        assert json.loads(error)["error_code"] == "RESPONSE_BLOCKED", body[-300:]
+        code = "RESPONSE_BLOCKED" if expect.kind == "stream blocked" else "ANSWER_NOT_INSPECTABLE"
+        assert json.loads(error)["error_code"] == code, body[-300:]
     else:
         assert status == 200, body[:300]
         original = json.loads(codecs.decode(sent, "utf-8-sig"))["messages"]
@@ -498,6 +521,19 @@ async def test_no_canary_reaches_the_client_from_express(
     gateway, _, _ = await start_gateway(aiohttp_server, express.url, policies=[policies])
     status, _, body = await fetch(gateway, route)
     check(expect, answer, status, body)
+
+
+async def test_an_answer_over_the_response_limit_is_refused_as_not_inspectable(
+    aiohttp_server: Any, upstream: tuple[Upstream, TestServer], policies: Path
+) -> None:
+    """An answer too large to hold whole is not passed on uninspected: 502 ANSWER_NOT_INSPECTABLE."""
+    gateway, _, _ = await start_gateway(
+        aiohttp_server, str(upstream[1].make_url("/")), policies=[policies], response_limit=4096
+    )
+    answer = Answer(status=500, body=js({"message": "x" * 5000 + KEY}))
+    serve(upstream[0], answer)
+    for route in ("prompt", "messages"):
+        check(REFUSED, answer, *(await fetch(gateway, route))[::2])
 
 
 def test_every_express_row_is_in_the_table() -> None:

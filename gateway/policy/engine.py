@@ -36,13 +36,20 @@ Found = dict[int, list[Span]]  # rule index in the plan -> spans in the evaluate
 def evaluate(ruleset: RuleSet, stage: Stage, text: str, context: Context = _NO_CONTEXT) -> Decision:
     """The decision on ``text``: every rule that matches it, or a decoded view of it (``views``)."""
     plan = ruleset.plan(stage)
-    found = _evaluate(plan, normalize(text), context)
+    normalized = normalize(text)
+    hits = plan.matcher.Match(normalized.data) if plan.matcher is not None else None
+    encoded = "\\" in text or "%" in text
+    if not hits and not plan.always and not encoded:
+        return Decision(stage, Action.ALLOW, ruleset.revision)  # most texts: nothing more to do
+    found = _evaluate(plan, normalized, hits, context)
     merged: set[int] = set()  # rules that a view added spans to
-    if "\\" in text or "%" in text:
+    if encoded:
         chain: list[DecodedView] = []
         for view in decoded_views(text):
             chain.append(view)
-            for rule_index, spans in _evaluate(plan, normalize(view.text), context).items():
+            decoded = normalize(view.text)
+            view_hits = plan.matcher.Match(decoded.data) if plan.matcher is not None else None
+            for rule_index, spans in _evaluate(plan, decoded, view_hits, context).items():
                 # Back through each view to the text: the second view is decoded from the first.
                 mapped = spans
                 for earlier in reversed(chain):
@@ -77,9 +84,8 @@ def _span_order(span: Span) -> tuple[int, int]:
     return span.start, span.end
 
 
-def _evaluate(plan: StagePlan, normalized: NormalizedText, context: Context) -> Found:
+def _evaluate(plan: StagePlan, normalized: NormalizedText, hits: list[int] | None, context: Context) -> Found:
     """The rules of the plan that match one text, with their spans in that text."""
-    hits = plan.matcher.Match(normalized.data) if plan.matcher is not None else None
     candidates = set(plan.always)
     if hits:
         candidates.update(plan.owner[index] for index in hits)

@@ -243,11 +243,14 @@ def _parts(node: yaml.Node, kind: str) -> list[yaml.Node]:
     return items
 
 
+# The parts of an ``all`` that match something (``not`` and ``except`` do not).
+_MATCH_PARTS = (RegexSpec, KeywordsSpec, DetectorSpec, MaxTokensSpec, AnySpec, AllSpec)
+
+
 def _all(node: yaml.Node, report: Callable[[nodes.Invalid], None]) -> AllSpec:
     parts = tuple(_match_collecting(item, report, in_all=True) for item in _parts(node, "all"))
     if any(isinstance(part, ExceptSpec) for part in parts) and not any(
-        isinstance(part, RegexSpec | KeywordsSpec | DetectorSpec | MaxTokensSpec | AnySpec | AllSpec)
-        for part in parts
+        isinstance(part, _MATCH_PARTS) for part in parts
     ):
         raise nodes.Invalid(node, "an 'all' with 'except' needs a part whose matches it excludes")
     return AllSpec(parts)
@@ -271,9 +274,6 @@ def _has_spans(spec: MatchSpec) -> bool:
             return all(_has_spans(part) for part in parts)
         case _:
             return False
-
-
-_MATCH_PARTS = (RegexSpec, KeywordsSpec, DetectorSpec, MaxTokensSpec, AnySpec, AllSpec)
 
 
 def rule_warnings(rules: Iterable[Rule]) -> list[Problem]:

@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,12 +114,6 @@ def _report(request: web.Request, decision: Decision, text: str, where: Where | 
 def _note_action(info: RequestInfo, action: Action) -> None:
     if action > Action[info.decision.upper()]:
         info.decision = action.label
-
-
-def strongest(stage: Stage, revision: str, decisions: Iterable[Decision]) -> Decision:
-    violations = tuple(v for d in decisions for v in d.violations)
-    action = max((v.effective_action for v in violations), default=Action.ALLOW)
-    return Decision(stage, action, revision, violations)
 
 
 async def read_bounded(content: aiohttp.StreamReader | web.BaseRequest, limit: int) -> bytes:

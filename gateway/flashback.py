@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable
 
 from gateway import jsonlib
 from gateway.policy import Decision, Stage, Violation
@@ -95,22 +94,3 @@ def parse_field_path(path: str) -> tuple[str, ...]:
     if not path or any(not step for step in steps):
         raise ValueError(f"bad response field path {path!r}: use names, dots and [] for lists")
     return tuple(steps)
-
-
-def extract_texts(payload: Any, paths: Iterable[tuple[str, ...]]) -> list[str]:
-    """Every string found at the given field paths of a JSON value, in path order."""
-    return [text for path in paths for text in _walk(payload, path) if text]
-
-
-def _walk(value: Any, path: tuple[str, ...]) -> Iterator[str]:
-    if not path:
-        if isinstance(value, str):
-            yield value
-        return
-    step, rest = path[0], path[1:]
-    if step == "[]":
-        if isinstance(value, list):
-            for item in value:
-                yield from _walk(item, rest)
-    elif isinstance(value, dict) and step in value:
-        yield from _walk(value[step], rest)

@@ -24,6 +24,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.flashback import parse_field_path
+from gateway.json_texts import collect, join
 from tests.proxy_fixtures import Upstream, start_gateway, start_upstream
 
 KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -538,3 +540,36 @@ async def test_an_answer_over_the_response_limit_is_refused_as_not_inspectable(
 
 def test_every_express_row_is_in_the_table() -> None:
     assert {row.id for row in WHOLE + STREAMS + MESSAGES} >= EXPRESS_ROWS
+
+
+# The pieces the answer side builds on: json_texts' field paths, spans and joins.
+
+
+def test_collect_lists_the_answer_fields_and_can_leave_them_out_of_the_text() -> None:
+    """Strings at the field paths are listed in document order; ``apart`` keeps them out of the text."""
+    value = {"id": "c1", "choices": [{"delta": {"content": "a"}}, {"delta": {"content": "b", "n": 1}}]}
+    fields = (parse_field_path("choices[].delta.content"), parse_field_path("id.x"))
+    whole = collect(value, fields=fields)
+    assert whole.fields == ("a", "b")
+    assert whole.text == "id\nc1\nchoices\ndelta\ncontent\na\ndelta\ncontent\nb\nn\n1"
+    apart = collect(value, fields=fields, apart=True, root="data")
+    assert apart.fields == ("a", "b")
+    assert apart.text == "id\nc1\nchoices\ndelta\ncontent\ndelta\ncontent\nn\n1"
+    assert apart.path_at(apart.text.index("n\n1") + 2) == "data.choices[1].delta.n"
+
+
+def test_paths_between_names_every_piece_a_span_touches() -> None:
+    """A match running over a separator belongs to both pieces; one inside a piece to that one."""
+    texts = collect({"a": "xx", "b": ["yy", "zz"]})  # a\nxx\nb\nyy\nzz
+    assert texts.paths_between(2, 4) == ["$.a"]
+    assert texts.paths_between(3, 6) == ["$.a", "$.b (key)"]
+    assert texts.paths_between(0, len(texts.text)) == ["$.a (key)", "$.a", "$.b (key)", "$.b[0]", "$.b[1]"]
+    assert texts.paths_between(5, 5) == ["$.b (key)"]
+
+
+def test_join_keeps_each_part_s_paths_at_their_offsets() -> None:
+    """Joined texts map an offset back to the part, and the path within it, it came from."""
+    first, second = collect({"k": "v"}), collect(["w"], root="utf-16-le:$")
+    joined = join((first, second))
+    assert joined.text == "k\nv\nw"
+    assert [joined.path_at(i) for i in (0, 2, 4)] == ["$.k (key)", "$.k", "utf-16-le:$[0]"]

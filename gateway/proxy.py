@@ -14,7 +14,7 @@ from yarl import URL
 from gateway.flashback import UPSTREAM_TIMEOUT, UPSTREAM_UNREACHABLE, error_body
 from gateway.request_body import InspectedRequest
 from gateway.state import STATE
-from gateway.target import TARGET, Refusal, classify
+from gateway.target import TARGET
 
 log = logging.getLogger("gateway.proxy")
 
@@ -64,13 +64,7 @@ def upstream_url(request: web.Request, upstream: str) -> URL:
 
     Nothing is re-encoded on the way: the backend routes on the same characters the gateway did.
     """
-    target = request.get(TARGET)
-    if target is None:
-        # Routed before dispatch ran (a middleware's own answer): read the target the same way.
-        found = classify(request.method, request.raw_path)
-        if isinstance(found, Refusal):
-            raise ValueError(found.message)
-        target = found
+    target = request[TARGET]  # set by dispatch before anything is forwarded
     return URL(_upstream(upstream)[0] + target.forward, encoded=True)
 
 

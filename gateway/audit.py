@@ -1,8 +1,9 @@
 """Logs and the audit trail: structured events that carry ids, offsets and fingerprints, no text.
 
 Every log line, the gateway's own and the libraries', goes through one structlog chain whose
-last processor before rendering is a redaction processor: the last line of defence if a value
-that looks like a secret ever reaches a log call.
+last processor before rendering is the redactor (``gateway.redaction``), exceptions rendered to
+text first: the last line of defence if a value that looks like a secret ever reaches a log call.
+The audit file and the alerts get the same redaction, applied once per violation (``observe``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import logging
 import select
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,77 +27,10 @@ import orjson
 import structlog
 
 from gateway.ids import new_id
-from gateway.policy import Action, Decision, Mode, RuleSet, Stage, Violation, evaluate
+from gateway.policy import Action, Decision, Mode, Violation
+from gateway.redaction import REDACTOR, render_exceptions
 
 log = structlog.get_logger("gateway.audit")
-
-# Keys whose values are content, whatever they hold.
-_CONTENT_KEYS = frozenset({"prompt", "text", "content", "body", "matched", "authorization", "password"})
-# Values of these keys are the gateway's own vocabulary and ids; they are not scanned (a client's
-# X-Request-Id is checked once, when the request arrives).
-_OWN_KEYS = frozenset({
-    "event", "level", "timestamp", "logger", "policyId", "policyName", "severity", "action", "mode",
-    "stage", "decision", "route", "method", "revision", "decisionId", "fingerprints", "requestId",
-    "status", "pid", "durationMs", "upstreamMs", "tokens", "offsets", "length", "block", "wouldBlock",
-    "paths",
-})  # fmt: skip
-REDACTED = "[redacted]"
-
-
-# Values found clean, remembered per rule set: the same ids (conversation, workspace, user) and
-# messages recur on every request's events. Bounded in count and length; a value that a rule
-# blocks is never remembered, so no secret is held here, and it is evaluated every time.
-_CLEAN_ENTRIES = 4096
-_CLEAN_LENGTH = 256
-
-
-class Redactor:
-    """Replaces content keys, and any value a block rule of the current rule set would catch."""
-
-    def __init__(self) -> None:
-        # The rule set and the clean values it found, replaced together in one assignment: a
-        # verdict taken under one rule set can never land in the memory of the next.
-        self._current: tuple[RuleSet | None, OrderedDict[str, None]] = (None, OrderedDict())
-
-    @property
-    def ruleset(self) -> RuleSet | None:
-        return self._current[0]
-
-    @ruleset.setter
-    def ruleset(self, ruleset: RuleSet | None) -> None:
-        self._current = (ruleset, OrderedDict())
-
-    def sensitive(self, value: str) -> bool:
-        ruleset, clean = self._current
-        if ruleset is None:
-            return False
-        # A plain str only: a subclass could compare equal to a remembered value it is not.
-        memorable = type(value) is str and len(value) <= _CLEAN_LENGTH
-        if memorable and value in clean:
-            return False
-        decision = evaluate(ruleset, Stage.PROMPT, value)
-        if any(v.action is Action.BLOCK for v in decision.violations):
-            return True
-        if memorable:
-            clean[value] = None
-            if len(clean) > _CLEAN_ENTRIES:
-                clean.popitem(last=False)  # the oldest: an id that recurs is soon back
-        return False
-
-    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        for key, value in list(event.items()):
-            if key in _OWN_KEYS:  # none of them is a content key in any case
-                continue
-            if key.lower() in _CONTENT_KEYS or (isinstance(value, str) and self.sensitive(value)):
-                event[key] = REDACTED
-        # The message of a stdlib log call is scanned too: it is where a careless %s would land.
-        message = event.get("event")
-        if isinstance(message, str) and self.sensitive(message):
-            event["event"] = REDACTED
-        return event
-
-
-REDACTOR = Redactor()
 
 
 def _json(event: Any, **_: Any) -> str:
@@ -189,6 +122,7 @@ def configure_logging(fmt: str = "json", stream: TextIO | None = None, level: in
     stamped: list[Any] = [
         structlog.processors.add_log_level,
         UtcStamp(),
+        render_exceptions,
         REDACTOR,
     ]
     renderer: Any = (

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from gateway import jsonlib
 from gateway.policy import Decision, Stage, Violation
+from gateway.redaction import REDACTOR
 
 # Where an answer carries the text meant for the user: what is counted as response tokens, and,
 # in a stream, the text a client joins from event to event (so a match split across events is
@@ -47,7 +48,8 @@ ANSWER_NOT_INSPECTABLE = "ANSWER_NOT_INSPECTABLE"
 
 
 def error_body(message: str, **extra: object) -> bytes:
-    return jsonlib.dumps({"success": False, "message": message, **extra})
+    # An error body is a sink like a log line: a message that echoes input is redacted.
+    return jsonlib.dumps({"success": False, "message": REDACTOR.text(message), **extra})
 
 
 def violation_records(violations: Iterable[Violation]) -> list[dict[str, str]]:

@@ -18,6 +18,7 @@ from gateway.audit import AuditFile, RequestInfo, events, violation_event
 from gateway.ids import new_id
 from gateway.metrics import Metrics
 from gateway.policy import Action, Decision, Mode, RuleSet, Stage, Violation
+from gateway.redaction import REDACTOR
 from gateway.usage.store import UsageRecord
 
 log = structlog.get_logger("gateway")
@@ -66,18 +67,28 @@ class Observer:
         where: Where | None = None,
     ) -> None:
         decision_id = new_id()
-        workspace = self.metrics.workspace(info.workspace or "unresolved")
+        workspace = self._workspace_label(info.workspace or "unresolved")
         for violation in violations:
             self.metrics.violations.labels(
                 violation.rule_id, violation.action.label, violation.mode.value,
                 violation.stage.value, violation.severity.value, *workspace,
             ).inc()  # fmt: skip
-            event = violation_event(violation, decision, decision_id, info, matched, self.key, where)
+            # One redaction for the log line, the audit file and the alert: the ids a client
+            # chose (conversation, user, workspace, repo) read the same in each.
+            event = REDACTOR.event(
+                violation_event(violation, decision, decision_id, info, matched, self.key, where)
+            )
             log.info("policy.violation", **event)
             if self.audit_file is not None:
                 self.audit_file.write({"event": "policy.violation", "timestamp": _now(), **event})
             if self._alerting(violation) and self.alerts is not None:
-                self.alerts.submit(_alert(violation, event, info))
+                self.alerts.submit(_alert(violation, event))
+
+    def _workspace_label(self, workspace: str) -> tuple[str, ...]:
+        if not self.metrics.workspace_label:
+            return ()
+        # A workspace id may come from a header: a label value is a sink like any other.
+        return self.metrics.workspace(REDACTOR.identifier(workspace) or workspace)
 
     def _alerting(self, violation: Violation) -> bool:
         if violation.mode is Mode.SHADOW:
@@ -91,7 +102,7 @@ class Observer:
         self.metrics.upstream_errors.labels(kind).inc()
 
     def tokens(self, record: UsageRecord) -> None:
-        metrics, workspace = self.metrics, self.metrics.workspace(record.workspace)
+        metrics, workspace = self.metrics, self._workspace_label(record.workspace)
         metrics.count(metrics.tokens, ("prompt", record.source, *workspace), record.prompt_tokens)
         metrics.count(metrics.tokens, ("response", record.source, *workspace), record.response_tokens)
 
@@ -103,19 +114,20 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def _alert(violation: Violation, event: dict[str, Any], info: RequestInfo) -> AlertEvent:
+def _alert(violation: Violation, event: dict[str, Any]) -> AlertEvent:
+    """The alert of a violation, from its redacted audit record."""
     return AlertEvent(
         policy_id=violation.rule_id,
         policy_name=violation.name,
         severity=violation.severity.value,
         action=violation.action.label,
         stage=violation.stage.value,
-        workspace=info.workspace or "unresolved",
-        conversation_id=info.conversation_id,
-        repo=info.repo,
+        workspace=event["workspace"] or "unresolved",
+        conversation_id=event["conversationId"],
+        repo=event["repoId"],
         revision=event["revision"],
         decision_id=event["decisionId"],
-        request_id=info.request_id,
+        request_id=event["requestId"],
         fingerprints=tuple(event["fingerprints"]),
         at=datetime.now(UTC),
     )

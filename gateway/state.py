@@ -8,11 +8,11 @@ import aiohttp
 from aiohttp import web
 
 from gateway.alerts import AlertDispatcher
-from gateway.audit import REDACTOR
 from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.observe import Observer
 from gateway.policy import RuleSet, Stage
+from gateway.redaction import REDACTOR
 from gateway.streaming import holdback_chars
 from gateway.usage.accounting import Accountant
 from gateway.usage.memory_store import MemoryUsageStore

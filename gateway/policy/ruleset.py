@@ -121,7 +121,7 @@ class _PlanBuilder:
         rule_index = len(self.rules)
         node = self._node(rule.match, rule_index)
         self.rules.append(CompiledRule(rule, node))
-        if _may_match_without_probes(node):
+        if may_match_without_probes(node):
             self.always.add(rule_index)
 
     def _probe(
@@ -187,7 +187,7 @@ class _PlanBuilder:
         return StagePlan(tuple(self.rules), matcher, tuple(self.owner), frozenset(self.always))
 
 
-def _may_match_without_probes(node: Node) -> bool:
+def may_match_without_probes(node: Node) -> bool:
     """Whether the node could match on a text where no probe of the set hit."""
     match node:
         case ProbeNode():
@@ -195,10 +195,10 @@ def _may_match_without_probes(node: Node) -> bool:
         case MaxTokensNode():
             return True
         case AnyNode(parts):
-            return any(_may_match_without_probes(part) for part in parts)
+            return any(may_match_without_probes(part) for part in parts)
         case AllNode(parts):
             # Exceptions only take matches away: they never make a rule match.
-            return all(_may_match_without_probes(part) for part in parts)
+            return all(may_match_without_probes(part) for part in parts)
         case NotNode():
             return True
         case ExceptNode():

@@ -129,12 +129,17 @@ class Redactor:
 
     def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         """structlog processor: the last step before a line is rendered."""
-        for key, value in list(event.items()):
-            if key not in OWN_KEYS:
-                event[key] = self.value(key, value)
+        clean = self._current[2]
+        for key, value in event.items():  # values replaced in place: the keys do not change
+            if key in OWN_KEYS or value is None:
+                continue
+            # Most values are ids seen on the last requests: found clean already (hot path).
+            if type(value) is str and value in clean and key.lower() not in CONTENT_KEYS:
+                continue
+            event[key] = self.value(key, value)
         # The message of a stdlib log call is scanned too: it is where a careless %s would land.
         message = event.get("event")
-        if isinstance(message, str):
+        if isinstance(message, str) and message not in clean:
             event["event"] = self.text(message)
         return event
 

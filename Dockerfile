@@ -35,17 +35,20 @@ RUN groupadd --system --gid 10001 gateway \
 COPY --from=build /opt/gateway /opt/gateway
 # Listen on every interface (the gateway's own default is 127.0.0.1). These variables win over
 # the config file (GATEWAY_CONFIG): set host and admin_host with variables or flags, not there.
+# On every interface the admin port needs its bearer token: GATEWAY_ADMIN_TOKEN or
+# --admin-token-file (the gateway logs admin.unprotected at start when it has none).
 ENV PATH="/opt/gateway/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     GATEWAY_HOST=0.0.0.0 \
     GATEWAY_ADMIN_HOST=0.0.0.0
 USER 10001:10001
-# 8080: the proxy. 9090: the admin port (/healthz, /readyz, /metrics, /usage/{ws}, POST /-/reload);
-# keep it off the public network.
+# 8080: the proxy. 9090: the admin port (/healthz, /readyz, /metrics, /usage/{ws}, POST /-/reload;
+# the last two behind the admin token); keep it off the public network.
 EXPOSE 8080 9090
 # The image has no curl: Python's standard library asks the admin port (GATEWAY_ADMIN_PORT if
-# set in the environment); any answer but 2xx, or none within 3 s, is a failure.
+# set in the environment); any answer but 2xx, or none within 3 s, is a failure. It sends no
+# token: keep healthz in admin_open (the default).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('GATEWAY_ADMIN_PORT', '9090'), timeout=3)"]
 # Arguments of `docker run IMAGE ...` are flags of `gateway serve`, e.g. --workers 2.

@@ -14,14 +14,18 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.admin_auth import AdminToken, admin_auth, warn_if_exposed
 from gateway.audit import AuditFile
 from gateway.batches import AfterAnswers
 from gateway.config import Settings
+from gateway.connections import ConnectionGuard, ConnectionLimits, GuardedAppRunner
 from gateway.flashback import INVALID_REQUEST
 from gateway.policy import RuleSet
 from gateway.reload import Reloader
 from gateway.routes import AFTER_ANSWERS, add_routes, completed, observe_requests
 from gateway.state import STATE, GatewayState
+from gateway.usage.journal import UsageJournal
+from gateway.usage.redis_store import RedisUsageStore
 from gateway.usage.store import Period, StoreUnavailable, Totals
 
 log = structlog.get_logger("gateway")
@@ -48,6 +52,10 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _usage(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
+    settings = state.settings
+    if settings.usage_journal is not None and isinstance(state.store, RedisUsageStore):
+        # Here, in the serving process: each worker keeps its own file (PATH.<pid>).
+        state.store.journal = UsageJournal(settings.usage_journal, limit=settings.usage_buffer)
     await state.store.start()
     yield
     # Every answered request's usage is recorded, then flushed, before the store closes.
@@ -143,12 +151,16 @@ def build_admin_app(state: GatewayState, reloader: Reloader | None = None) -> we
         body = state.observer.metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/usage/{workspace}", usage)
-    app.router.add_post("/-/reload", reload)
+    settings = state.settings
+    warn_if_exposed(settings)
+    # Route names are what admin_open lists.
+    token = AdminToken(settings.admin_token, settings.admin_token_file)
+    app = web.Application(middlewares=[admin_auth(token, settings.admin_open)])
+    app.router.add_get("/metrics", metrics, name="metrics")
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/usage/{workspace}", usage, name="usage")
+    app.router.add_post("/-/reload", reload, name="reload")
     return app
 
 
@@ -171,8 +183,15 @@ async def run(settings: Settings, ruleset: RuleSet, *, reuse_port: bool = False)
     state = GatewayState(settings, ruleset)
     reloader = Reloader(state)
     # SECURITY: a client that goes away cancels its handler, and with it the upstream call.
-    public = web.AppRunner(
+    metrics = state.observer.metrics
+    # SECURITY: a slow or surplus client cannot hold the public port (gateway/connections.py).
+    guard = ConnectionGuard(
+        ConnectionLimits(settings.header_timeout, settings.max_connections),
+        lambda reason: metrics.child(metrics.connections_refused, reason).inc(),
+    )
+    public = GuardedAppRunner(
         build_public_app(state),
+        guard=guard,
         handler_cancellation=True,
         access_log=None,
         **PUBLIC_SERVER_OPTIONS,

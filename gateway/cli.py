@@ -89,8 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", help="backend base URL (GATEWAY_UPSTREAM)")
     serve.add_argument("--host", help="public address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="public port (default 8080)")
-    serve.add_argument("--admin-host", help="admin address (default 127.0.0.1)")
-    serve.add_argument("--admin-port", type=int, help="admin port: /healthz, /readyz (default 9090)")
+    _admin_and_origin_options(serve)
     _policies_option(serve)
     serve.add_argument("--body-limit", type=int, help="bytes of a prompt request (default 1 MiB)")
     serve.add_argument("--response-limit", type=int, help="bytes of an answer held to inspect (8 MiB)")
@@ -106,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--stream-holdback", type=int, help="most characters a stream is held back (256)")
     serve.add_argument("--redis-url", help="count usage in Redis (REDIS_URL); default: process memory")
     serve.add_argument("--redis-timeout", type=float, help="seconds a Redis call may take (0.25)")
+    serve.add_argument(
+        "--usage-journal",
+        type=Path,
+        metavar="PATH",
+        help="keep usage not yet written to Redis at stop in PATH.<pid>, replayed at start",
+    )
     serve.add_argument("--workspace-header", help="trusted header naming the workspace (off unless given)")
     serve.add_argument(
         "--workspace-lookup-pages", type=int, help="pages of GET /conversation a lookup reads (5)"
@@ -118,8 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse budgeted workspaces while Redis is down (default: serve them)",
     )
     serve.add_argument("--log-format", choices=["json", "console"], help="log lines (default json)")
-    serve.add_argument("--workers", type=int, help="processes serving the same ports (default 1)")
-    serve.add_argument("--shutdown-timeout", type=float, help="seconds to finish requests on SIGTERM (30)")
+    _serving_options(serve)
     serve.add_argument(
         "--watch-policies",
         action="store_const",
@@ -136,6 +140,47 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--period", choices=["day", "month"], default="day")
     usage.set_defaults(run=_usage)
     return parser
+
+
+def _admin_and_origin_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--admin-host", help="admin address (default 127.0.0.1)")
+    serve.add_argument("--admin-port", type=int, help="admin port: /healthz, /readyz (default 9090)")
+    # No flag takes a secret itself: a command line is visible to every user of the machine.
+    serve.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the admin port's bearer token, read again when it changes "
+        "(or GATEWAY_ADMIN_TOKEN; default: no token)",
+    )
+    serve.add_argument(
+        "--admin-open",
+        metavar="LIST",
+        help="admin endpoints served without the token, comma-separated (default healthz,readyz,metrics)",
+    )
+    serve.add_argument(
+        "--origin-header",
+        metavar="NAME",
+        help="header carrying the origin secret upstream (default X-Gateway-Origin)",
+    )
+    serve.add_argument(
+        "--origin-secret-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the secret added to every upstream request (or GATEWAY_ORIGIN_SECRET)",
+    )
+
+
+def _serving_options(serve: argparse.ArgumentParser) -> None:
+    """Processes, and how long and how many clients each holds."""
+    serve.add_argument("--workers", type=int, help="processes serving the same ports (default 1)")
+    serve.add_argument("--shutdown-timeout", type=float, help="seconds to finish requests on SIGTERM (30)")
+    serve.add_argument(
+        "--header-timeout", type=float, help="seconds a client has to send a request head (10)"
+    )
+    serve.add_argument(
+        "--max-connections", type=int, help="open client connections per worker; more get 503 (10000)"
+    )
 
 
 def _policies_option(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 import yaml
 from yarl import URL
 
+from gateway.admin_auth import OPENABLE, parse_admin_open
 from gateway.alerts import AlertConfig, parse_alert_config
+from gateway.credentials import SECRET_FILES, parse_origin_header, parse_secret, read_secret_files
 from gateway.flashback import DEFAULT_RESPONSE_FIELDS, parse_field_path
 
 
@@ -41,17 +43,33 @@ class Settings:
     port: int = 8080
     admin_host: str = "127.0.0.1"
     admin_port: int = 9090
+    # The admin port's bearer token (GATEWAY_ADMIN_TOKEN, or the content of admin_token_file,
+    # read again when the file changes); None: the admin port answers anyone who reaches it.
+    admin_token: str | None = field(default=None, repr=False)
+    admin_token_file: Path | None = None
+    admin_open: tuple[str, ...] = OPENABLE  # admin endpoints served without the token
+    # Added to every request sent upstream, so the backend can refuse what went around the
+    # gateway; a client's copy is always dropped. The secret: GATEWAY_ORIGIN_SECRET or a file.
+    origin_header: str = "X-Gateway-Origin"
+    origin_secret: str | None = field(default=None, repr=False)
+    origin_secret_file: Path | None = None
     policies: tuple[Path, ...] = ()  # empty: the built-in pack
     body_limit: int = 1 << 20  # bytes of a prompt request body
     response_limit: int = 8 << 20  # bytes of a JSON answer held for inspection
     connect_timeout: float = 5.0
     # Long: a model may think for minutes before its first byte.
     read_timeout: float = 300.0
+    # Public port: seconds a client has to send a complete request head, and connections open
+    # at once per worker (the next is answered 503). See gateway/connections.py.
+    header_timeout: float = 10.0
+    max_connections: int = 10_000
     response_fields: tuple[str, ...] = DEFAULT_RESPONSE_FIELDS
     stream_holdback: int = 256  # most characters a stream is held back
     redis_url: str | None = None  # None: usage is kept in process memory
     redis_timeout: float = 0.25
     usage_buffer: int = 100_000  # records held while Redis is down
+    # Records still unwritten at stop are kept here (PATH.<pid>) and replayed at the next start.
+    usage_journal: Path | None = None
     # Workspace resolution: a header only when an operator names it (it must be set by a
     # component the gateway trusts), then what answers taught, then a lookup at the upstream.
     workspace_header: str | None = None
@@ -128,6 +146,10 @@ def _optional_text(value: object) -> str | None:
     return None if value in (None, "") else _text(value)
 
 
+def _optional_path(value: object) -> Path | None:
+    return None if value in (None, "") else Path(str(value))
+
+
 def _redis_url(value: object) -> str | None:
     if value in (None, ""):
         return None
@@ -191,16 +213,25 @@ PARSERS: Mapping[str, Callable[[object], Any]] = {
     "port": _port,
     "admin_host": _text,
     "admin_port": _port,
+    "admin_token": parse_secret,
+    "admin_token_file": _optional_path,
+    "admin_open": parse_admin_open,
+    "origin_header": parse_origin_header,
+    "origin_secret": parse_secret,
+    "origin_secret_file": _optional_path,
     "policies": _paths,
     "body_limit": _positive_int,
     "response_limit": _positive_int,
     "connect_timeout": _positive_float,
     "read_timeout": _positive_float,
+    "header_timeout": _positive_float,
+    "max_connections": _positive_int,
     "response_fields": _fields,
     "stream_holdback": _non_negative_int,
     "redis_url": _redis_url,
     "redis_timeout": _positive_float,
     "usage_buffer": _positive_int,
+    "usage_journal": lambda value: None if value in (None, "") else Path(str(value)),
     "workspace_header": _optional_text,
     "workspace_lookup_pages": _non_negative_int,
     "workspace_cache_ttl": _positive_float,
@@ -219,7 +250,9 @@ PARSERS: Mapping[str, Callable[[object], Any]] = {
     "workers": _positive_int,
 }
 # Settings whose values may hold a password, a token or a key.
-CREDENTIAL_SETTINGS = frozenset({"upstream", "redis_url", "audit_key", "alerts"})
+CREDENTIAL_SETTINGS = frozenset(
+    {"upstream", "redis_url", "audit_key", "alerts", *SECRET_FILES.keys(), *SECRET_FILES.values()}
+)
 # Read from these variables too, as the ecosystem names them.
 ENV_ALIASES = {"redis_url": "REDIS_URL"}
 assert set(PARSERS) == {f.name for f in fields(Settings)}
@@ -252,9 +285,12 @@ def load_settings(
             # SECURITY: a URL or a header may carry a credential; such values are not echoed.
             shown = "" if name in CREDENTIAL_SETTINGS else f"{value!r} "
             errors.append(f"{origin}: {shown}{exc}")
+    read_secret_files(values, {name: origin for name, (origin, _) in raw.items()}, errors)
     settings = Settings(**values) if not errors else Settings()
     if not errors and settings.port == settings.admin_port and settings.port != 0:
         errors.append(f"port and admin_port are both {settings.port}: the admin port must be its own")
+    if not errors and settings.usage_journal is not None and settings.redis_url is None:
+        errors.append("usage_journal needs redis_url: the in-memory store has nothing to journal")
     if errors:
         raise ConfigError(errors)
     return settings

@@ -34,7 +34,17 @@ HOP_BY_HOP = frozenset(
     }
 )
 CHUNK = 64 << 10
+# What a call to the upstream, or a read of its answer, raises when the upstream fails: refused
+# connections, a connection closed before or during the answer (ServerDisconnectedError,
+# ClientPayloadError for a body short of its Content-Length or its last chunk), timeouts. A
+# failed write to the gateway's own client is an aiohttp.ClientError too
+# (ClientConnectionResetError): only code that reads the upstream catches these.
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+# The error code of an answer the upstream began and broke off.
+UPSTREAM_ERROR = "UPSTREAM_ERROR"
+# The status metrics and request.completed record when it is not the status sent: an answer
+# broken off after its status line went out is the upstream's failure, whatever that line said.
+RECORDED_STATUS = web.RequestKey("recorded_status", int)
 
 
 # The fixed part of what each direction drops, built once rather than on every request.
@@ -93,6 +103,12 @@ def upstream_headers(
     headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Forwarded-Host"] = request.host
     headers["Host"] = _upstream(upstream)[1]
+    # SECURITY: the origin header tells the backend a request came through the gateway; a
+    # client's copy never passes, and every forwarded request carries the gateway's own.
+    settings = request.app[STATE].settings
+    headers.popall(settings.origin_header, None)
+    if settings.origin_secret is not None:
+        headers[settings.origin_header] = settings.origin_secret
     if inspect:
         # The gateway reads this answer; a compressed one could not be inspected.
         headers["Accept-Encoding"] = "identity"
@@ -108,16 +124,33 @@ def response_headers(upstream: aiohttp.ClientResponse, *, keep_length: bool) -> 
     return headers
 
 
-def upstream_failure(request: web.Request, exc: BaseException) -> web.Response:
-    """502 for an upstream that cannot be reached or broke off, 504 for one that took too long."""
+def upstream_failure(request: web.Request, exc: BaseException, *, answering: bool = False) -> web.Response:
+    """504 for an upstream that took too long; 502 for one that could not be reached or, once
+    ``answering``, broke its answer off. Counted and logged (by type: no traceback)."""
+    return json_response(*_failure(request, exc, answering=answering))
+
+
+def answer_cut_short(request: web.Request, exc: BaseException) -> bytes:
+    """The upstream failed after the client had the status line: counted and logged as
+    ``upstream_failure`` does, recorded with its status; the error body, for the stream's end."""
+    status, body = _failure(request, exc, answering=True)
+    request[RECORDED_STATUS] = status
+    return body
+
+
+def _failure(request: web.Request, exc: BaseException, *, answering: bool) -> tuple[int, bytes]:
     observer = request.app[STATE].observer
     if isinstance(exc, TimeoutError):
         observer.upstream_error("timeout")
         log.warning("upstream timeout: %s", type(exc).__name__)
-        return json_response(504, error_body("Upstream timed out", error_code=UPSTREAM_TIMEOUT))
+        return 504, error_body("Upstream timed out", error_code=UPSTREAM_TIMEOUT)
+    if answering:
+        observer.upstream_error("interrupted")
+        log.warning("upstream broke off its answer: %s", type(exc).__name__)
+        return 502, error_body("Upstream broke off its answer", error_code=UPSTREAM_ERROR)
     observer.upstream_error("unreachable")
     log.warning("upstream unreachable: %s", type(exc).__name__)
-    return json_response(502, error_body("Upstream unreachable", error_code=UPSTREAM_UNREACHABLE))
+    return 502, error_body("Upstream unreachable", error_code=UPSTREAM_UNREACHABLE)
 
 
 def json_response(status: int, body: bytes) -> web.Response:
@@ -127,16 +160,38 @@ def json_response(status: int, body: bytes) -> web.Response:
 async def stream_back(
     request: web.Request, upstream: aiohttp.ClientResponse, tap: Callable[[bytes], None] | None = None
 ) -> web.StreamResponse:
-    """Send the upstream's answer as it arrives, in bounded chunks (``tap`` sees each one)."""
+    """Send the upstream's answer as it arrives, in bounded chunks (``tap`` sees each one).
+
+    An answer the upstream breaks off is left unfinished for the client too: the bytes are
+    opaque, so no error can be appended, and a proper end would pass for the whole answer.
+    """
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(response_headers(upstream, keep_length=True))
     await response.prepare(request)
-    async for chunk in upstream.content.iter_chunked(CHUNK):
+    content = upstream.content
+    while True:
+        try:
+            chunk = await content.read(CHUNK)
+        except UPSTREAM_ERRORS as exc:
+            answer_cut_short(request, exc)
+            _cut_off(request)
+            return response
+        if not chunk:
+            break
         if tap is not None:
             tap(chunk)
         await response.write(chunk)
     await response.write_eof()
     return response
+
+
+def _cut_off(request: web.Request) -> None:
+    """Close the client's connection after what was sent, without the answer's end: no last
+    chunk, no Content-Length reached. (aiohttp then finds the connection closing when it
+    would end the answer, and lets it go quietly.)"""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
 
 
 async def call_upstream(

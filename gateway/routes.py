@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -22,17 +23,19 @@ from gateway.answers import (
     read_bounded,
     withhold_messages,
 )
-from gateway.audit import REDACTOR, RequestInfo, user_id
+from gateway.audit import RequestInfo, user_id
 from gateway.batches import AfterAnswers
 from gateway.flashback import BODY_TOO_LARGE, EVALUATION_FAILED, QUOTA_EXCEEDED, block_body, error_body
 from gateway.policy import Context, Stage
 from gateway.proxy import (
+    RECORDED_STATUS,
     UPSTREAM_ERRORS,
     call_upstream,
     json_response,
     pass_through,
     upstream_failure,
 )
+from gateway.redaction import REDACTOR
 from gateway.request_body import InspectedRequest, read_body
 from gateway.state import STATE
 from gateway.target import TARGET, Refusal, classify
@@ -60,6 +63,16 @@ def info_of(request: web.Request) -> RequestInfo:
     return request.get(INFO) or RequestInfo()
 
 
+# nginx's status for a client that closed its connection before it had its answer: a 4xx of
+# its own, so that a 5xx always means the gateway or the backend failed.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 @web.middleware
 async def observe_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Times every request, counts it, and logs one ``request.completed`` event for it."""
@@ -75,7 +88,20 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
         response = await handler(request)
         status = response.status
         return response
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler of a client that disconnects (handler_cancellation).
+        if client_gone(request):
+            status = CLIENT_CLOSED_REQUEST
+        raise
+    except ConnectionResetError:
+        # A read from or a write to a client that went away ("Cannot write to closing transport").
+        if not client_gone(request):
+            raise
+        status = CLIENT_CLOSED_REQUEST
+        # Never sent: aiohttp finds the connection closing, and lets it go without a log line.
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     finally:
+        status = request.get(RECORDED_STATUS, status)
         elapsed = time.perf_counter() - info.started
         # Once this task has handed the answer to the socket: the client does not wait for it.
         request.app[AFTER_ANSWERS].add((request, info, status, elapsed))
@@ -161,7 +187,9 @@ async def learn_conversations(request: web.Request) -> web.StreamResponse:
             seen.append(chunk)
 
     response = await pass_through(request, body=body, tap=tap)
-    if response.status == 200 and size <= _LEARN_LIMIT:
+    # SECURITY: placements are learned only from answers to a caller with credentials (as lookups
+    # are asked): an anonymous caller must not teach which workspace a conversation costs.
+    if response.status == 200 and size <= _LEARN_LIMIT and request.headers.get("Authorization"):
         try:
             answer = jsonlib.loads(b"".join(seen))
             if request.method == "GET":
@@ -179,17 +207,18 @@ def _page_fetcher(request: web.Request) -> PageFetcher | None:
     if not authorization:
         return None
     state = request.app[STATE]
-    base = str(state.settings.upstream_url).rstrip("/")
+    settings = state.settings
+    base = str(settings.upstream_url).rstrip("/")
+    headers = {"Authorization": authorization, "Accept": "application/json", "Accept-Encoding": "identity"}
+    if settings.origin_secret is not None:
+        # The backend refuses what lacks it: this call goes upstream like any forwarded request.
+        headers[settings.origin_header] = settings.origin_secret
 
     async def fetch(take: int, skip: int) -> tuple[int, Any]:
         async with state.session.get(
             f"{base}/conversation",
             params={"take": str(take), "skip": str(skip)},
-            headers={
-                "Authorization": authorization,
-                "Accept": "application/json",
-                "Accept-Encoding": "identity",
-            },
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=state.settings.connect_timeout + 5),
         ) as answer:
             if answer.status != 200:

@@ -10,6 +10,7 @@ installed, and is skipped (the only skip here) where it is not.
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import json
 import os
 import posixpath
@@ -28,6 +29,7 @@ import yaml
 
 from gateway.alerts.sinks import AlertmanagerSink
 from gateway.config import PARSERS, Settings, load_settings
+from gateway.credentials import SECRET_FILES
 from gateway.policy import load_rules
 from gateway.policy.selftest import run_rule_tests
 from tests.debian_tools import require
@@ -48,6 +50,8 @@ OPTIONAL_MANIFESTS = {"servicemonitor.yaml": "ServiceMonitor"}
 # Memory one gateway worker is sized for, and what the master of --workers N adds.
 WORKER_MEMORY = 150 * 2**20
 MASTER_MEMORY = 64 * 2**20
+# What the operator exports before `docker compose up` (deploy/README.md).
+COMPOSE_SHELL = {"GATEWAY_ADMIN_TOKEN": "compose-admin-token-0123456789abcdef"}
 # After shutdown_timeout, the master of --workers waits this much longer for the flush
 # (gateway/workers.py); a single process's flush is bounded within it too.
 FLUSH_BOUND = 10
@@ -106,6 +110,47 @@ def k8s_environment(container: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def container_flags(container: dict[str, Any]) -> dict[str, str]:
+    """The container's args (flags of `gateway serve`, ``--name=value`` or ``--name value``) by setting."""
+    args, flags = list(container.get("args", [])), {}
+    while args:
+        name, given, value = args.pop(0).partition("=")
+        assert name.startswith("--"), name
+        flags[name[2:].replace("-", "_")] = value if given else args.pop(0)
+    assert set(flags) <= set(PARSERS), flags
+    return flags
+
+
+def secret_behind(path: str) -> tuple[str, str]:
+    """The (Secret, key) whose value the gateway container reads as the file ``path``."""
+    (mount,) = [
+        m for m in gateway_container()["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    assert "subPath" not in mount, f"{path}: a subPath mount never sees the Secret's updates"
+    (volume,) = [
+        v for v in pod_spec(k8s_object("Deployment", "gateway"))["volumes"] if v["name"] == mount["name"]
+    ]
+    relative = posixpath.relpath(path, mount["mountPath"])
+    if "projected" in volume:
+        sources = [
+            (s["secret"]["name"], s["secret"]) for s in volume["projected"]["sources"] if "secret" in s
+        ]
+    else:
+        sources = [(volume["secret"]["secretName"], volume["secret"])]
+    found = [
+        (name, item["key"])
+        for name, source in sources
+        for item in source.get("items") or [{"key": key, "path": key} for key in secret_keys(name)]
+        if item["path"] == relative
+    ]
+    assert len(found) == 1, f"{path} is not one key of a Secret volume: {found}"
+    return found[0]
+
+
+def secret_keys(name: str) -> list[str]:
+    return list(k8s_object("Secret", name).get("stringData", {}))
+
+
 def config_map_mounted_at(directory: str) -> dict[str, Any]:
     """The ConfigMap mounted (as a whole directory) at ``directory`` in the gateway container."""
     (mount,) = [m for m in gateway_container()["volumeMounts"] if m["mountPath"] == directory]
@@ -136,15 +181,27 @@ def compose_service(name: str) -> dict[str, Any]:
     return service
 
 
-def interpolate(value: object) -> str:
-    """Compose's ``${VAR:-default}`` / ``${VAR}``, with the variables unset."""
-    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(value))
+def interpolate(value: object, shell: dict[str, str] | None = None) -> str:
+    """Compose's ``${VAR:-default}``, ``${VAR}`` and ``${VAR:?error}``, with only ``shell`` set
+    (by default: the variables deploy/README.md tells the operator to export)."""
+    shell = COMPOSE_SHELL if shell is None else shell
+
+    def value_of(match: re.Match[str]) -> str:
+        name, operator, text = match.group(1), match.group(2) or "", match.group(3) or ""
+        if name in shell:
+            return shell[name]
+        if operator.endswith("?"):
+            raise AssertionError(f"Compose refuses to start without {name}: {text}")
+        return text
+
+    pattern = r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}"
+    return re.sub(pattern, value_of, str(value))
 
 
-def compose_environment(service: dict[str, Any]) -> dict[str, str]:
+def compose_environment(service: dict[str, Any], shell: dict[str, str] | None = None) -> dict[str, str]:
     raw = service.get("environment", {})
     pairs = raw.items() if isinstance(raw, dict) else (item.split("=", 1) for item in raw)
-    return {str(key): interpolate(value) for key, value in pairs}
+    return {str(key): interpolate(value, shell) for key, value in pairs}
 
 
 def compose_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
@@ -379,12 +436,20 @@ def test_deployment_runs_as_the_image_user_with_a_writable_tmp() -> None:
 
 
 def k8s_settings(tmp_path: Path) -> Settings:
-    """The settings a gateway pod starts with: its environment over its config file."""
-    env = k8s_environment(gateway_container())
+    """The settings a gateway pod starts with: its flags over its environment over its config
+    file, the files its flags name holding the values of the Secret keys mounted there."""
+    container = gateway_container()
+    env = k8s_environment(container)
     directory, name = posixpath.split(env["GATEWAY_CONFIG"])
     config = tmp_path / name
     config.write_text(config_map_mounted_at(directory)["data"][name], encoding="utf-8")
-    return load_settings({}, env, config)
+    flags: dict[str, object] = {**container_flags(container)}
+    for setting in SECRET_FILES.values():
+        if setting in flags:
+            local = tmp_path / setting
+            local.write_text(secret_value(*secret_behind(str(flags[setting]))), encoding="utf-8")
+            flags[setting] = local
+    return load_settings(flags, env, config)
 
 
 def test_deployment_drains_before_it_is_killed(tmp_path: Path) -> None:
@@ -513,6 +578,144 @@ def test_autoscaler_and_disruption_budget_cover_the_deployment() -> None:
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
+# -- the admin port and the network ---------------------------------------------------------
+
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def network_policies() -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in k8s_objects() if o["kind"] == "NetworkPolicy"}
+
+
+def template_labels(kind: str, name: str) -> dict[str, str]:
+    labels: dict[str, str] = k8s_object(kind, name)["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector
+    matched: bool = selector.get("matchLabels", {}).items() <= labels.items()
+    return matched
+
+
+def policy_ports(rule: dict[str, Any], container: dict[str, Any]) -> set[tuple[str, int]]:
+    """(protocol, port) of a rule, a named port resolved against the container's ports."""
+    named = {port["name"]: port["containerPort"] for port in container.get("ports", [])}
+    return {(port.get("protocol", "TCP"), named.get(port["port"], port["port"])) for port in rule["ports"]}
+
+
+def test_network_policies_deny_by_default_and_select_the_pods_they_guard() -> None:
+    """default-deny covers every pod both ways; `gateway` selects the gateway's pods only, `redis` Redis's."""
+    policies = network_policies()
+    assert set(policies) == {"default-deny", "gateway", "redis"}
+    assert policies["default-deny"]["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    for policy in policies.values():
+        assert policy["apiVersion"] == "networking.k8s.io/v1"
+    gateway, redis = template_labels("Deployment", "gateway"), template_labels("StatefulSet", "redis")
+    for name, labels, other in (("gateway", gateway, redis), ("redis", redis, gateway)):
+        selector = policies[name]["spec"]["podSelector"]
+        assert selects(selector, labels), name
+        assert not selects(selector, other), name
+    assert set(policies["gateway"]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+def test_the_admin_port_admits_the_monitoring_namespace_only() -> None:
+    """The rule admitting the Deployment's admin port comes from the monitoring namespace only; the
+    proxy port has a rule of its own; no rule admits every source or every port."""
+    container = gateway_container()
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    admitted: dict[int, list[Any]] = {}
+    for rule in network_policies()["gateway"]["spec"]["ingress"]:
+        assert rule.get("from"), "an ingress rule without `from` admits every source"
+        assert rule.get("ports"), "an ingress rule without `ports` admits every port"
+        for protocol, port in policy_ports(rule, container):
+            assert protocol == "TCP"
+            admitted.setdefault(port, []).extend(rule["from"])
+    assert set(admitted) == {ports["admin"], ports["http"]}
+    assert admitted[ports["admin"]] == [MONITORING]
+    assert MONITORING not in admitted[ports["http"]]
+    (service_port,) = k8s_object("Service", "gateway-admin")["spec"]["ports"]
+    assert ports[service_port["targetPort"]] == ports["admin"]
+
+
+def test_the_gateway_reaches_only_dns_redis_alertmanager_and_the_backend(tmp_path: Path) -> None:
+    """Egress: DNS to kube-dns, Redis's port to Redis's pods, the Alertmanager sink's port in its
+    namespace, and the upstream's port to public addresses only."""
+    settings = k8s_settings(tmp_path)
+    by_port: dict[tuple[str, int], list[Any]] = {}
+    for rule in network_policies()["gateway"]["spec"]["egress"]:
+        assert rule.get("to"), "an egress rule without `to` reaches everything"
+        assert rule.get("ports"), "an egress rule without `ports` reaches every port"
+        for port in policy_ports(rule, {}):
+            by_port.setdefault(port, []).extend(rule["to"])
+    (redis,) = pod_spec(k8s_object("StatefulSet", "redis"))["containers"]
+    (redis_port,) = [port["containerPort"] for port in redis["ports"]]
+    sinks = yaml.safe_load(config_map_mounted_at("/etc/gateway/config")["data"]["gateway.yaml"])["alerts"]
+    (alertmanager,) = [urlsplit(sink["url"]) for sink in sinks["sinks"] if sink["type"] == "alertmanager"]
+    upstream_port = settings.upstream_url.port
+    assert set(by_port) == {("UDP", 53), ("TCP", 53), ("TCP", redis_port), ("TCP", alertmanager.port),
+                            ("TCP", upstream_port)}  # fmt: skip
+    for dns in by_port[("UDP", 53)] + by_port[("TCP", 53)]:
+        assert dns["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+    (to_redis,) = by_port[("TCP", redis_port)]
+    assert set(to_redis) == {"podSelector"}, "Redis is in the gateway's own namespace"
+    assert selects(to_redis["podSelector"], template_labels("StatefulSet", "redis"))
+    (to_alertmanager,) = by_port[("TCP", alertmanager.port)]
+    namespace = str(alertmanager.hostname).split(".")[1]
+    assert to_alertmanager["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}
+    (to_backend,) = by_port[("TCP", upstream_port)]
+    block = to_backend["ipBlock"]
+    for private in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8"):
+        outside = not ipaddress.ip_network(private).overlaps(ipaddress.ip_network(block["cidr"]))
+        assert outside or private in block.get("except", []), private
+
+
+def test_redis_admits_the_gateway_only() -> None:
+    """Redis's one ingress rule: its port, from the gateway's pods."""
+    (rule,) = network_policies()["redis"]["spec"]["ingress"]
+    (source,) = rule["from"]
+    assert set(source) == {"podSelector"}
+    assert selects(source["podSelector"], template_labels("Deployment", "gateway"))
+    (redis,) = pod_spec(k8s_object("StatefulSet", "redis"))["containers"]
+    assert policy_ports(rule, redis) == {("TCP", port["containerPort"]) for port in redis["ports"]}
+
+
+def test_the_deployment_reads_its_admin_token_and_origin_secret_from_secrets(tmp_path: Path) -> None:
+    """--admin-token-file and --origin-secret-file name keys of Secret volumes (no subPath, not
+    world-readable); the pod starts with those values."""
+    flags = container_flags(gateway_container())
+    assert secret_behind(flags["admin_token_file"]) == ("gateway-admin-token", "token")
+    assert secret_behind(flags["origin_secret_file"]) == ("gateway-secrets", "origin-secret")
+    settings = k8s_settings(tmp_path)
+    assert settings.admin_token == secret_value("gateway-admin-token", "token")
+    assert settings.origin_secret == secret_value("gateway-secrets", "origin-secret")
+    for path in (flags["admin_token_file"], flags["origin_secret_file"]):
+        (mount,) = [m for m in gateway_container()["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+        assert mount["readOnly"] is True
+        (volume,) = [
+            v for v in pod_spec(k8s_object("Deployment", "gateway"))["volumes"] if v["name"] == mount["name"]
+        ]
+        mode = (volume.get("projected") or volume.get("secret") or {}).get("defaultMode", 0o644)
+        assert mode & 0o007 == 0, f"{path} is readable by every user of the pod"
+
+
+def test_prometheus_sends_the_admin_token_when_metrics_ask_for_it(tmp_path: Path) -> None:
+    """/metrics is behind the token (workspace labels tell each workspace's use); the ServiceMonitor
+    sends the very Secret key the pods read; the probes' paths stay open."""
+    settings = k8s_settings(tmp_path)
+    assert "metrics" not in settings.admin_open
+    (endpoint,) = k8s_object("ServiceMonitor", "gateway")["spec"]["endpoints"]
+    authorization = endpoint["authorization"]
+    assert authorization.get("type", "Bearer") == "Bearer"
+    credentials = authorization["credentials"]
+    token_file = container_flags(gateway_container())["admin_token_file"]
+    assert (credentials["name"], credentials["key"]) == secret_behind(token_file)
+    container = gateway_container()
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        path = container[probe]["httpGet"]["path"]
+        assert path.strip("/") in settings.admin_open, f"{probe} asks {path}, which wants a token"
+
+
 # -- Docker Compose --------------------------------------------------------------------------
 
 
@@ -578,6 +781,29 @@ def test_compose_shutdown_outlasts_the_gateway_drain() -> None:
     grace = gateway["stop_grace_period"]
     assert grace.endswith("s")
     assert float(grace[:-1]) > settings.shutdown_timeout + FLUSH_BOUND
+
+
+def test_compose_admin_port_has_a_token_and_prometheus_scrapes_accordingly() -> None:
+    """Compose refuses to start without GATEWAY_ADMIN_TOKEN; with it the gateway's admin port (all
+    interfaces, published on loopback) has a token, and the scrape job sends credentials exactly
+    when /metrics asks for them."""
+    gateway = compose_service("gateway")
+    with pytest.raises(AssertionError, match="GATEWAY_ADMIN_TOKEN"):
+        compose_environment(gateway, shell={})
+    env = compose_environment(gateway)
+    settings = load_settings({}, {**dockerfile_env(), **env}, host_path_of(gateway, env["GATEWAY_CONFIG"]))
+    assert settings.admin_host == "0.0.0.0"
+    assert settings.admin_token == COMPOSE_SHELL["GATEWAY_ADMIN_TOKEN"]
+    published = [str(port) for port in gateway["ports"] if str(port).endswith(f":{settings.admin_port}")]
+    assert published
+    assert all(port.startswith("127.0.0.1:") for port in published), published
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "policy-gateway"]
+    if "metrics" in settings.admin_open:
+        assert "authorization" not in job
+    else:
+        credentials = job["authorization"]["credentials_file"]
+        host_path_of(compose_service("prometheus"), credentials)
 
 
 def test_compose_monitoring_mounts_match_the_configs() -> None:

@@ -37,7 +37,13 @@ from gateway.flashback import (
 from gateway.json_texts import Texts, TooDeep, collect, join
 from gateway.observe import Where
 from gateway.policy import Action, Context, Decision, Stage, evaluate
-from gateway.proxy import json_response, response_headers
+from gateway.proxy import (
+    UPSTREAM_ERRORS,
+    answer_cut_short,
+    json_response,
+    response_headers,
+    upstream_failure,
+)
 from gateway.state import STATE, GatewayState
 from gateway.streaming import (
     EventTooLarge,
@@ -64,6 +70,14 @@ class AnswerTooLarge(Exception):
 
 class EvaluationFailed(Exception):
     """The engine raised: the text was not evaluated, so it is refused (fail closed)."""
+
+
+class UpstreamBrokeOff(Exception):
+    """Reading a whole answer failed at the upstream (``cause``): the client has none of it yet."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(type(cause).__name__)
+        self.cause = cause
 
 
 class NotInspectable(Exception):
@@ -311,6 +325,8 @@ async def _read_whole(upstream: aiohttp.ClientResponse, state: GatewayState) -> 
     except AnswerTooLarge:
         log.warning("answer over %d bytes", state.settings.response_limit)
         raise NotInspectable("too_large", "Upstream answer too large to inspect") from None
+    except UPSTREAM_ERRORS as exc:
+        raise UpstreamBrokeOff(exc) from None
 
 
 def _release(upstream: aiohttp.ClientResponse, body: bytes) -> web.Response:
@@ -333,6 +349,9 @@ async def inspect_answer(
 ) -> web.StreamResponse:
     """The prompt's answer (or any intercepted answer): evaluated whole, or as it streams."""
     state = request.app[STATE]
+    if exchange is not None:
+        # Decides whether the exchange is counted: only what the backend served costs a budget.
+        exchange.upstream_status = upstream.status
     try:
         plan = plan_answer(upstream)
         if plan.stream:
@@ -341,6 +360,8 @@ async def inspect_answer(
         inspected = read_answer(raw, sse=plan.sse, declared=plan.codec, paths=state.field_paths)
     except NotInspectable as refusal:
         return _not_inspectable(state, refusal)
+    except UpstreamBrokeOff as broken:
+        return upstream_failure(request, broken.cause, answering=True)
     if exchange is not None:
         exchange.response_texts = list(inspected.fields)
         exchange.note_reported(inspected.payload)
@@ -400,6 +421,7 @@ class _StreamForwarder:
         exchange: Exchange | None,
         plan: AnswerPlan,
     ) -> None:
+        self.request = request
         self.state = request.app[STATE]
         self.response = response
         self.context = context
@@ -422,8 +444,17 @@ class _StreamForwarder:
         )
 
     async def run(self, upstream: aiohttp.ClientResponse) -> None:
-        async for chunk in upstream.content.iter_any():
-            if not self.started and chunk:
+        content = upstream.content
+        while True:
+            # Only the read is guarded: a failed write to the client is not the upstream's failure.
+            try:
+                chunk = await content.readany()
+            except UPSTREAM_ERRORS as exc:
+                await self.cut_short(exc)
+                return
+            if not chunk:
+                break
+            if not self.started:
                 self.started = True
                 self._sniff(chunk)
             try:
@@ -533,8 +564,21 @@ class _StreamForwarder:
     async def end(self, body: bytes) -> bool:
         """Close the stream with an error the client can read; nothing held back is sent."""
         self.strongest = Action.BLOCK
-        await self.response.write(b"event: error\ndata: " + body + b"\n\n" if self.sse else b"\n" + body)
+        await self.response.write(self._error(body))
         return False
+
+    async def cut_short(self, exc: BaseException) -> None:
+        """The upstream broke off: what every reading let go is sent, as at the stream's end
+        (all of its text was evaluated, and no later text can complete a match with it), then
+        an error the client can read. An event the upstream left unfinished is not sent."""
+        body = answer_cut_short(self.request, exc)
+        for lane in self.lanes:
+            lane.released += len(lane.guard.finish().release)
+        await self.release()
+        await self.response.write(self._error(body))
+
+    def _error(self, body: bytes) -> bytes:
+        return b"event: error\ndata: " + body + b"\n\n" if self.sse else b"\n" + body
 
     def settle(self) -> None:
         """A streamed answer counts as one decision, its strongest action."""
@@ -577,6 +621,8 @@ async def withhold_messages(
         inspected = read_answer(raw, sse=False, declared=plan.codec, paths=state.field_paths)
     except NotInspectable as refusal:
         return _not_inspectable(state, refusal)
+    except UpstreamBrokeOff as broken:
+        return upstream_failure(request, broken.cause, answering=True)
     texts = inspected.texts
     decision = decide(request, Stage.RESPONSE, texts.text, context, texts.path_at)
     if not decision.blocked:

@@ -30,7 +30,13 @@ FALLBACKS = (
     ("alerts", "queue_full"),
     ("alerts", "delivery_failed"),
 )
-UPSTREAM_ERRORS = ("unreachable", "timeout")
+# unreachable: no answer (502); timeout: too slow (504); interrupted: an answer broken off (502).
+UPSTREAM_ERRORS = ("unreachable", "timeout", "interrupted")
+# Why the public port closed a client connection of its own accord (gateway.connections).
+CONNECTION_REFUSALS = ("header_timeout", "max_connections")
+# Upstream statuses of exchanges not counted against a budget (the backend served nothing): the
+# refusals anyone can provoke by name, then classes, so the label stays bounded.
+UNCOUNTED_STATUSES = ("401", "403", "404", "429", "3xx", "4xx", "5xx")
 ALERT_RESULTS = ("delivered", "failed", "dropped", "grouped")
 
 
@@ -76,6 +82,11 @@ class Metrics:
             "policy_gateway_tokens", "Tokens counted, by direction and source.",
             ("direction", "source", *extra), registry=r,
         )  # fmt: skip
+        self.uncounted_exchanges = Counter(
+            "policy_gateway_uncounted_exchanges",
+            "Forwarded prompts not counted against a budget (nothing served), by upstream status.",
+            ("status",), registry=r,
+        )  # fmt: skip
         self.quota_rejections = Counter(
             "policy_gateway_quota_rejections", "Requests refused because a budget was used up.", registry=r
         )
@@ -102,6 +113,12 @@ class Metrics:
         self.reloads = Counter(
             "policy_gateway_reloads", "Policy reloads, by result (ok, failed).", ("result",), registry=r
         )
+        self.connections_refused = Counter(
+            "policy_gateway_connections_refused",
+            "Client connections closed with no complete request head in time (header_timeout), "
+            "or answered 503 over the cap (max_connections).",
+            ("reason",), registry=r,
+        )  # fmt: skip
         self._revision: str | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._pending: dict[tuple[Any, tuple[str, ...]], float] = {}
@@ -109,6 +126,10 @@ class Metrics:
             self.request_duration.labels(route)
         for kind in UPSTREAM_ERRORS:
             self.upstream_errors.labels(kind)
+        for reason in CONNECTION_REFUSALS:
+            self.connections_refused.labels(reason)
+        for status in UNCOUNTED_STATUSES:
+            self.uncounted_exchanges.labels(status)
         for result in ("ok", "failed"):
             self.reloads.labels(result)
         for dependency, reason in FALLBACKS:

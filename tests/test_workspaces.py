@@ -28,6 +28,10 @@ SCOPED = "policies:\n" + "".join(
 )
 
 
+# Placements are learned only from answers to a caller with credentials.
+USER = {"Authorization": "Bearer user-1"}
+
+
 def _conversation(cid: str, workspace: str, repo: str = "repo-1") -> dict[str, str]:
     return {"id": cid, "workspaceId": workspace, "repoId": repo, "orgId": "org-1", "tokensIn": "0"}
 
@@ -99,7 +103,7 @@ async def test_a_conversation_listed_through_the_gateway_is_learned(setup: Any) 
     make, backend, client = setup
     backend.conversations = [_conversation("c-listed", "ws-b", "repo-x")]
     gateway, _ = await make()
-    async with client.get(gateway.make_url("/conversation?take=50")) as response:
+    async with client.get(gateway.make_url("/conversation?take=50"), headers=USER) as response:
         assert (await response.json())["conversations"][0]["id"] == "c-listed"
     calls_after_listing = len(backend.list_calls)
     assert await _prompt(client, gateway, "c-listed") == "ws.b"
@@ -112,9 +116,11 @@ async def test_a_created_conversation_takes_its_repos_workspace(setup: Any) -> N
     make, backend, client = setup
     backend.conversations = [_conversation("c-old", "ws-c", "repo-7")]
     gateway, _ = await make()
-    async with client.get(gateway.make_url("/conversation")) as response:
+    async with client.get(gateway.make_url("/conversation"), headers=USER) as response:
         await response.read()
-    async with client.post(gateway.make_url("/conversation"), json={"repoId": "repo-7"}) as response:
+    async with client.post(
+        gateway.make_url("/conversation"), json={"repoId": "repo-7"}, headers=USER
+    ) as response:
         assert await response.json() == {"success": True, "conversationId": "c-new"}
     calls = len(backend.list_calls)
     assert await _prompt(client, gateway, "c-new") == "ws.c"
@@ -156,7 +162,7 @@ async def test_the_header_wins_over_what_was_learned(setup: Any) -> None:
     make, backend, client = setup
     backend.conversations = [_conversation("c-1", "ws-b")]
     gateway, _ = await make(workspace_header="X-Workspace-Id")
-    async with client.get(gateway.make_url("/conversation")) as response:
+    async with client.get(gateway.make_url("/conversation"), headers=USER) as response:
         await response.read()
     assert await _prompt(client, gateway, "c-1", **{"X-Workspace-Id": "ws-a"}) == "ws.a"
     assert await _prompt(client, gateway, "c-1") == "ws.b"

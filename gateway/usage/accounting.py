@@ -32,6 +32,8 @@ class Exchange:
     reported_prompt: int | None = None
     reported_response: int | None = None
     forwarded: bool = False
+    # The status the upstream answered with; None while none came back (or the call failed).
+    upstream_status: int | None = None
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
     id: str = field(default_factory=new_id)
 
@@ -39,6 +41,26 @@ class Exchange:
         prompt, response = reported_usage(payload)
         self.reported_prompt = prompt if prompt is not None else self.reported_prompt
         self.reported_response = response if response is not None else self.reported_response
+
+
+def uncounted_status(status: int | None) -> str | None:
+    """The metric label of an exchange that costs its workspace nothing; None if it counts.
+
+    Only an answer the backend gave with a 2xx status counts: a 4xx is a refusal (401, 403 and 404
+    can be provoked by anyone who knows a conversation id, and must not spend a workspace's
+    budget), a 5xx a failure of the backend, a 3xx a redirection: none served the prompt. An
+    exchange with no status (the call failed after the prompt was sent) counts, because the
+    backend may have done the work.
+    """
+    if status is None or 200 <= status < 300:
+        return None
+    if status in _NAMED_STATUSES:
+        return str(status)
+    return f"{min(max(status // 100, 3), 5)}xx"
+
+
+# Statuses with a label of their own: the refusals an anonymous caller meets, and rate limits.
+_NAMED_STATUSES = frozenset({401, 403, 404, 429})
 
 
 def _count(value: object) -> int | None:
@@ -76,7 +98,8 @@ class Accountant:
     Each exchange is counted when its request's bookkeeping runs (after the answer), and its
     ``request.completed`` line logged with the counts; the records of one turn of the event loop
     go to the store together, in one write. A request near its workspace's budget holds a ticket
-    that is released only once its record is in the store.
+    that is released only once its record is in the store. An exchange the backend did not serve
+    (see :func:`uncounted_status`) has no record: it is counted in a metric instead.
     """
 
     def __init__(self, store: UsageStore, counter: TokenCounter, observer: Observer) -> None:
@@ -91,6 +114,14 @@ class Accountant:
         """Count the exchange, log ``request.completed``, and send its record to the store."""
         if not exchange.forwarded:
             exchange.ticket.release()
+            self.observer.request_completed(completed)
+            return
+        uncounted = uncounted_status(exchange.upstream_status)
+        if uncounted is not None:
+            # SECURITY: a refused exchange must not spend the budget of the workspace it names.
+            exchange.ticket.release()
+            metrics = self.observer.metrics
+            metrics.count(metrics.uncounted_exchanges, (uncounted,))
             self.observer.request_completed(completed)
             return
         try:

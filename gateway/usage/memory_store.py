@@ -1,6 +1,7 @@
 """The default usage store: counters in this process's memory (one process, no Redis).
 
-Nothing is ever buffered or dropped, so ``pending`` and ``dropped`` stay 0. Memory is bounded
+Nothing is ever buffered or dropped, so ``pending`` and ``dropped`` stay 0, and there is
+nothing to journal at close: the totals end with the process anyway. Memory is bounded
 where traffic alone would grow it: record ids are remembered for ``id_retention`` seconds (at
 most ``max_ids`` of them), and at most ``max_conversations`` conversations are kept, the one
 written longest ago forgotten first. Day and month buckets are kept: at most two a workspace a day.

@@ -29,6 +29,14 @@ wrong type) costs only itself.
 Redis down or slow: `record` never raises and never waits much longer than `timeout`; the
 record goes to a bounded in-memory buffer (in order) that a background task drains once Redis
 answers again, retrying with backoff. Reads raise `StoreUnavailable` instead of waiting.
+
+At close, what is still buffered goes to the usage journal (see journal.py), when there is one,
+or is logged as lost. At start, the journal's records go to the front of the buffer; its files
+are removed once all of them are written, or once they are journaled again at close. A crash
+at any point leaves every record in a file still to replay, at worst in two (the journal written,
+the replayed file not yet removed): replaying counts it once, by its marker, as long as the
+replay comes within the marker's 8 days. A journal replayed later than that may count a record
+twice whose first write did land but was never answered; the replay says how many are that old.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -50,6 +58,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
+from gateway.usage.journal import Replay, UsageJournal
 from gateway.usage.store import Period, StoreUnavailable, Totals, UsageRecord
 
 log = logging.getLogger("gateway.usage")
@@ -126,7 +135,8 @@ class RedisUsageStore:
 
     ``timeout`` bounds every call to Redis (connect included); ``buffer_limit`` bounds the records
     held while Redis is away; ``key_prefix`` starts every key. ``healthy`` tells whether the last
-    call to Redis succeeded.
+    call to Redis succeeded. ``journal`` (settable until ``start``) keeps what ``close`` could not
+    write, and gives it back at the next ``start``.
     """
 
     def __init__(
@@ -138,6 +148,7 @@ class RedisUsageStore:
         key_prefix: str = "pgw",
         on_fallback: Callable[[str], None] = lambda reason: None,
         linger: float = LINGER,
+        journal: UsageJournal | None = None,
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain '{' or '}': the workspace is the hash tag")
@@ -162,6 +173,9 @@ class RedisUsageStore:
         self._linger = linger
         self._urgent = False  # a record in the outbox is waited for: no lingering
         self._lingering: asyncio.Future[None] | None = None
+        self.journal = journal
+        self._replay = Replay()
+        self._replaying = 0  # records at the front of the buffer that came from the journal
 
     @property
     def pending(self) -> int:
@@ -178,6 +192,8 @@ class RedisUsageStore:
 
     async def start(self) -> None:
         self._ensure_flusher()
+        if self.journal is not None:
+            self._take_journal(self.journal)
         try:
             async with asyncio.timeout(self._timeout):
                 await self._client.ping()
@@ -317,6 +333,16 @@ class RedisUsageStore:
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._writer), CLOSE_FLUSH_SECONDS)
+            if not self._writer.done():
+                # Its write goes back to the buffer (outcome unknown), and so does the outbox.
+                self._writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._writer
+            outbox, self._outbox = self._outbox, []
+            for records, done in outbox:
+                for record in records:
+                    self._enqueue(record)
+                _resolve(done)
         self._closed = True
         if self._flusher is not None:
             self._flusher.cancel()
@@ -328,9 +354,93 @@ class RedisUsageStore:
                 while self._buffer:
                     if not await self._flush_batch():
                         await asyncio.sleep(BACKOFF_MIN)
-        if self._buffer:
-            log.warning("usage store closed with %d records not written to Redis", len(self._buffer))
+        self._keep_unwritten()
         await self._client.aclose()
+
+    # -- the journal ----------------------------------------------------------------------------
+
+    def _take_journal(self, journal: UsageJournal) -> None:
+        """Put the journal's records ahead of any new one; its files go once they are written."""
+        problem = journal.problem()
+        if problem is not None:
+            log.error(
+                "usage journal %s cannot be written (%s): records unwritten at stop would be lost",
+                journal.own,
+                problem,
+            )
+        replay = journal.read()
+        if not replay.files:
+            return
+        self._replay = replay
+        self._replaying = len(replay.records)
+        # Past the buffer's bound: each journal file is bounded itself, and dropping its records
+        # here would lose what a previous run kept.
+        self._buffer.extendleft(reversed(replay.records))
+        log.info("usage journal: replaying %d records from %d files", len(replay.records), len(replay.files))
+        expired = datetime.now(UTC) - timedelta(seconds=MARKER_TTL)
+        old = sum(1 for record in replay.records if record.at < expired)
+        if old:
+            log.warning(
+                "usage journal: %d records are older than the %d-day record markers: one whose first "
+                "write landed unanswered counts twice", old, MARKER_TTL // 86400,
+            )  # fmt: skip
+        if not replay.records:
+            self._journal_written()
+        else:
+            self._wake.set()
+
+    def _written(self, count: int) -> None:
+        """``count`` records left the front of the buffer (written, or refused for good)."""
+        if self._replaying:
+            self._replaying = max(0, self._replaying - count)
+            if not self._replaying:
+                self._journal_written()
+
+    def _journal_written(self, *, rewritten: bool = False) -> None:
+        """The replayed records are all written, or (``rewritten``) in this process's journal,
+        which a replayed file of the same name (a pid reused) was replaced by."""
+        journal, files = self.journal, self._replay.files
+        if journal is not None and files:
+            journal.remove(path for path in files if not (rewritten and path == journal.own))
+            if not rewritten:
+                log.info(
+                    "usage journal replayed: %d records written, its files removed", len(self._replay.records)
+                )
+        self._replay = Replay()
+
+    def _keep_unwritten(self) -> None:
+        """At close: what is still buffered goes to the journal, or is logged as lost."""
+        unwritten = list(self._buffer)
+        if not unwritten:
+            self._journal_written()
+            return
+        if self.journal is None:
+            log.warning(
+                "usage store closed with %d records not written to Redis: lost (no usage journal "
+                "configured: --usage-journal)", len(unwritten),
+            )  # fmt: skip
+            return
+        try:
+            kept = self.journal.write(unwritten)
+        except OSError as exc:
+            # The files replayed at start stay: their records are lost only if this run's are.
+            log.error(
+                "usage store closed with %d records not written to Redis: lost, the usage journal "
+                "%s could not be written (%s)", len(unwritten), self.journal.own,
+                exc.strerror or type(exc).__name__,
+            )  # fmt: skip
+            return
+        log.warning(
+            "usage store closed with %d records not written to Redis: journaled to %s for the next start",
+            kept, self.journal.own,
+        )  # fmt: skip
+        if kept < len(unwritten):
+            log.error(
+                "usage store closed with %d records over the journal's cap of %d: lost",
+                len(unwritten) - kept, self.journal.limit,
+            )  # fmt: skip
+        self._replaying = 0
+        self._journal_written(rewritten=True)
 
     # -- keys -----------------------------------------------------------------------------------
 
@@ -458,14 +568,18 @@ class RedisUsageStore:
         for group, result in zip(groups, results, strict=True):
             for record, outcome in zip(group, _outcomes(result, len(group)), strict=True):
                 outcome_of[id(record)] = outcome
+        taken = 0
         for record in batch:
             outcome = outcome_of[id(record)]
             if outcome is not None and not _permanent(outcome):
                 self._mark_down(outcome)  # e.g. LOADING after a restart: retry from this record on
+                self._written(taken)
                 return False
             self._buffer.popleft()
+            taken += 1
             if outcome is not None:
                 self._drop(record, outcome)
+        self._written(taken)
         self._mark_up()
         if self._burst and len(self._buffer) < self._buffer_limit:
             log.warning("usage buffer has room again; %d records were dropped", self._burst)

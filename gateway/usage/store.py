@@ -85,7 +85,8 @@ class UsageStore(Protocol):
         """Whether the backend answers now (bounded in time), for readiness."""
 
     async def close(self) -> None:
-        """Flush what is buffered (bounded in time), then release connections."""
+        """Flush what is buffered (bounded in time), keep what is left in the usage journal where
+        there is one (else log how many records are lost), then release connections."""
 
     @property
     def pending(self) -> int:

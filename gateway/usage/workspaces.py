@@ -2,7 +2,9 @@
 
 In order: a trusted header, when an operator configured one; what the gateway learned from
 answers that passed through it (``GET /conversation`` lists, ``POST /conversation``); a lookup
-at the upstream with the caller's own credentials, cached; else ``unresolved``.
+at the upstream with the caller's own credentials, cached; else ``unresolved``. Answers teach
+only when they were given to a caller with credentials (the routes decide): an anonymous caller
+must not choose which workspace a conversation's usage is charged to.
 """
 
 from __future__ import annotations

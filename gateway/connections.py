@@ -155,24 +155,42 @@ class GuardedRequestHandler(RequestHandler):
 
 
 class GuardedServer(web.Server):
-    """aiohttp's protocol factory, making ``GuardedRequestHandler``s."""
+    """aiohttp's protocol factory, making ``handler_class`` connection handlers: a
+    ``GuardedRequestHandler``, or a class that combines it with another ``RequestHandler``
+    subclass (``class Public(GuardedRequestHandler, OtherRequestHandler)``)."""
 
-    def __init__(self, handler: Any, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        guard: ConnectionGuard,
+        handler_class: type[GuardedRequestHandler] = GuardedRequestHandler,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self.guard = guard
+        self.handler_class = handler_class
 
     def __call__(self) -> RequestHandler:
-        return GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
+        return self.handler_class(self, loop=self._loop, **self._kwargs)
 
 
 class GuardedAppRunner(web.AppRunner):
     """An ``AppRunner`` whose server keeps its connections to ``guard``'s limits."""
 
-    __slots__ = ("_guard",)
+    __slots__ = ("_guard", "_handler_class")
 
-    def __init__(self, app: web.Application, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        guard: ConnectionGuard,
+        handler_class: type[GuardedRequestHandler] = GuardedRequestHandler,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, **kwargs)
         self._guard = guard
+        self._handler_class = handler_class
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()
@@ -183,5 +201,6 @@ class GuardedAppRunner(web.AppRunner):
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             guard=self._guard,
+            handler_class=self._handler_class,
             **made._kwargs,
         )

@@ -3,7 +3,7 @@
 aiohttp's server waits for a request head as long as the connection stays open (its keep-alive
 timer closes an idle connection only after ``keepalive_timeout``, about an hour by default, and
 bytes arriving do not move it): a client that sends a head slowly, or half of one, holds a
-connection and its memory as long as it likes, and a thousand such clients hold a thousand.
+connection and its memory for that hour, and a thousand such clients hold a thousand.
 
 ``header_timeout`` is the time a client has to send a complete request head: from connecting,
 and on a kept-alive connection from the first byte after the previous request's body (waiting

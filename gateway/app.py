@@ -21,6 +21,7 @@ from gateway.config import Settings
 from gateway.connections import ConnectionGuard, ConnectionLimits, GuardedAppRunner
 from gateway.flashback import INVALID_REQUEST
 from gateway.policy import RuleSet
+from gateway.redaction import REDACTOR
 from gateway.reload import Reloader
 from gateway.routes import AFTER_ANSWERS, add_routes, completed, observe_requests
 from gateway.state import STATE, GatewayState
@@ -122,7 +123,7 @@ def build_admin_app(state: GatewayState, reloader: Reloader | None = None) -> we
             return web.json_response(
                 {"success": False, "message": "policies refused; the previous rule set keeps serving",
                  "error_code": "POLICIES_REFUSED", "revision": result.revision,
-                 "errors": list(result.errors)},
+                 "errors": [REDACTOR.text(error) for error in result.errors]},
                 status=422,
             )  # fmt: skip
         reloader.tell_other_workers()
@@ -167,7 +168,7 @@ def build_admin_app(state: GatewayState, reloader: Reloader | None = None) -> we
 def usage_body(workspace: str, period: Period, now: datetime, totals: Totals) -> dict[str, object]:
     return {
         "success": True,
-        "workspace": workspace,
+        "workspace": REDACTOR.identifier(workspace),  # an id a caller typed, as every sink shows it
         "period": period.value,
         "bucket": period.bucket(now),
         "promptTokens": totals.prompt_tokens,
@@ -197,7 +198,14 @@ async def run(settings: Settings, ruleset: RuleSet, *, reuse_port: bool = False)
         **PUBLIC_SERVER_OPTIONS,
         shutdown_timeout=settings.shutdown_timeout,
     )
-    admin = web.AppRunner(build_admin_app(state, reloader), access_log=None, shutdown_timeout=2.0)
+    # The admin port's parser errors quote bytes too (a token, say): it gets the same handler.
+    admin_guard = ConnectionGuard(
+        ConnectionLimits(settings.header_timeout, settings.max_connections),
+        lambda reason: metrics.child(metrics.connections_refused, reason).inc(),
+    )
+    admin = GuardedAppRunner(
+        build_admin_app(state, reloader), guard=admin_guard, access_log=None, shutdown_timeout=2.0
+    )
     await public.setup()
     await admin.setup()
     background: set[asyncio.Task[None]] = set()
@@ -214,7 +222,8 @@ async def run(settings: Settings, ruleset: RuleSet, *, reuse_port: bool = False)
             "gateway.serving",
             listen=f"{settings.host}:{settings.port}",
             admin=f"{settings.admin_host}:{settings.admin_port}",
-            upstream=settings.upstream,
+            # The origin only: a URL's user, password or path may hold a credential.
+            upstream=str(settings.upstream_url.origin()),
             revision=ruleset.revision,
             rules=len(ruleset.rules),
             store="redis" if settings.redis_url else "memory",

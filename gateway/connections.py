@@ -35,6 +35,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.flashback import error_body
+from gateway.http_errors import QuietRequestHandler
 
 log = logging.getLogger("gateway.connections")
 
@@ -88,8 +89,9 @@ async def _over_capacity(_: web.BaseRequest) -> web.StreamResponse:
     return response
 
 
-class GuardedRequestHandler(RequestHandler):
-    """aiohttp's connection handler, with the head deadline and the cap of a ``ConnectionGuard``."""
+class GuardedRequestHandler(QuietRequestHandler):
+    """aiohttp's connection handler, with the head deadline and the cap of a ``ConnectionGuard``
+    (and the safe error answers and log lines of ``QuietRequestHandler``)."""
 
     __slots__ = ("_admitted", "_body", "_guard", "_head_timer")
 

@@ -33,7 +33,7 @@ OWN_KEYS = frozenset({
     "event", "level", "timestamp", "logger", "policyId", "policyName", "severity", "action", "mode",
     "stage", "decision", "route", "method", "revision", "decisionId", "fingerprints", "requestId",
     "status", "pid", "durationMs", "upstreamMs", "tokens", "offsets", "length", "block", "wouldBlock",
-    "paths", "listen", "admin", "store", "rules", "stream_holdback_chars",
+    "paths", "listen", "admin", "upstream", "store", "rules", "stream_holdback_chars",
 })  # fmt: skip
 # Client-chosen identifiers: checked in every sink the same way (whole value, memory of clean ones).
 IDENTIFIER_KEYS = ("conversationId", "workspace", "repoId", "userId")

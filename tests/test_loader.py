@@ -258,3 +258,101 @@ def test_the_builtin_pack_can_be_named_and_overridden(tmp_path: Path) -> None:
 def test_bad_overrides_are_refused_with_their_line(write_policies: Write, text: str, fragment: str) -> None:
     problems = _problems(write_policies({"a.yaml": GOOD, "o.yaml": text}))
     assert any(name == "o.yaml" and fragment in message for name, _, _, message in problems), problems
+
+
+UNKNOWN_KEY_THEN_SAME_ID = """\
+policies:
+  - id: a.one
+    name: One
+    severity: high
+    action: block
+    colour: red
+    match: {regex: 'x\\d+'}
+  - id: a.one
+    name: One again
+    severity: high
+    action: block
+    match: {regex: 'y\\d+'}
+"""
+
+
+def _located(problems: list[tuple[str, int, str, str]]) -> list[tuple[str, int, str, str]]:
+    """Each problem as (file, line, rule id, the message's first words)."""
+    return [(name, line, rule_id, " ".join(message.split()[:2])) for name, line, rule_id, message in problems]
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        pytest.param(
+            {"p.yaml": UNKNOWN_KEY_THEN_SAME_ID},
+            [("p.yaml", 6, "a.one", "unknown key"), ("p.yaml", 8, "a.one", "duplicate id,")],
+            id="an unknown key does not hide the same id repeated in the next rule",
+        ),
+        pytest.param(
+            {
+                "p.yaml": UNKNOWN_KEY_THEN_SAME_ID.replace("    colour: red\n", "").replace(
+                    "'x\\d+'", "'(a)\\1'"
+                )
+            },
+            [("p.yaml", 6, "a.one", "regex refused"), ("p.yaml", 7, "a.one", "duplicate id,")],
+            id="a pattern error does not hide a duplicate id",
+        ),
+        pytest.param(
+            {
+                "p.yaml": UNKNOWN_KEY_THEN_SAME_ID.replace(
+                    "    colour: red\n    match: {regex: 'x\\d+'}\n", ""
+                )
+            },
+            [("p.yaml", 2, "a.one", "missing 'match'"), ("p.yaml", 6, "a.one", "duplicate id,")],
+            id="a missing key does not hide a duplicate id",
+        ),
+        pytest.param(
+            {"a.yaml": GOOD.replace("action: 2", "action: shout"), "b.yaml": GOOD},
+            [("a.yaml", 5, "a.one", "action must"), ("b.yaml", 2, "a.one", "duplicate id,")],
+            id="an invalid rule in one file still owns its id against another file",
+        ),
+        pytest.param(
+            {"p.yaml": "colour: red\n" + GOOD.replace("HIGH", "huge")},
+            [("p.yaml", 1, "", "unknown key"), ("p.yaml", 5, "a.one", "severity must")],
+            id="an unknown top-level key does not hide the rules' errors",
+        ),
+        pytest.param(
+            {"p.yaml": "policies: {}\noverrides:\n  - {id: a.one, colour: red}\n"},
+            [("p.yaml", 1, "", "expected a"), ("p.yaml", 3, "a.one", "unknown key")],
+            id="policies that are not a list do not hide the overrides' errors",
+        ),
+        pytest.param(
+            {"a.yaml": "policies: [\n  - id: x\n", "b.yaml": GOOD.replace("HIGH", "huge")},
+            [("a.yaml", 2, "", "YAML syntax:"), ("b.yaml", 4, "a.one", "severity must")],
+            id="a YAML error in one file does not hide the errors of another",
+        ),
+        pytest.param(
+            {
+                "a.yaml": GOOD.replace("x\\d+", "(?<=a)b"),
+                "o.yaml": "overrides:\n  - {id: a.one, action: log}\n",
+            },
+            [("a.yaml", 6, "a.one", "regex refused")],
+            id="an override of a rule refused for its own error is not also called unknown",
+        ),
+        pytest.param(
+            {"p.yaml": GOOD.replace("{regex: 'x\\d+'}", "{regex: 'x\\d+', colour: red, size: 3}")},
+            [("p.yaml", 6, "a.one", "unknown key"), ("p.yaml", 6, "a.one", "unknown key")],
+            id="every unknown key of a match is reported",
+        ),
+        pytest.param(
+            {"p.yaml": GOOD + "    tests: {match: [1], no_match: [2], colour: red}\n"},
+            [
+                ("p.yaml", 7, "a.one", "unknown key"),
+                ("p.yaml", 7, "a.one", "expected non-empty"),
+                ("p.yaml", 7, "a.one", "expected non-empty"),
+            ],
+            id="every error of a rule's tests is reported",
+        ),
+    ],
+)
+def test_one_error_never_hides_another(
+    write_policies: Write, files: dict[str, str], expected: list[tuple[str, int, str, str]]
+) -> None:
+    """Each error of a run is reported, located by file, line and rule id, whatever else is wrong."""
+    assert _located(_problems(write_policies(files))) == expected

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,6 +52,19 @@ _EMPTY_PROBES = ("", " ", "a", "0", "\n")
 T = TypeVar("T")
 
 
+@dataclass(frozen=True, slots=True)
+class _Declared:
+    """A policy as its file declares it: its id and place, and the rule when it is valid.
+
+    A refused rule still owns its id, so a duplicate of it is reported in the same run.
+    """
+
+    rule_id: str
+    source: str
+    line: int
+    rule: Rule | None
+
+
 def policy_files(paths: Iterable[Path]) -> tuple[list[Path], list[Problem]]:
     files: list[Path] = []
     problems: list[Problem] = []
@@ -71,30 +86,37 @@ def load_rules(paths: Iterable[Path]) -> tuple[tuple[Rule, ...], str]:
     """Read and validate policy files; raise ``PolicyError`` with every problem found."""
     files, problems = policy_files(paths)
     rules: list[Rule] = []
+    refused: list[str] = []  # ids of rules refused for errors of their own
     overrides: list[Override] = []
-    first_seen: dict[str, Rule] = {}
+    first_seen: dict[str, _Declared] = {}
     digest = hashlib.sha256()
     for file in files:
         source = file.read_bytes()
         digest.update(f"{file.name}\0{len(source)}\0".encode())
         digest.update(source)
-        file_rules, file_overrides, file_problems = _parse_file(str(file), source)
+        declared, file_overrides, file_problems = _parse_file(str(file), source)
         problems.extend(file_problems)
         overrides.extend(file_overrides)
-        for rule in file_rules:
-            earlier = first_seen.get(rule.id)
+        for policy in declared:
+            earlier = first_seen.get(policy.rule_id)
             if earlier is not None:
                 problems.append(
                     Problem(
-                        rule.source,
-                        rule.line,
-                        rule.id,
+                        policy.source,
+                        policy.line,
+                        policy.rule_id,
                         f"duplicate id, first defined at {earlier.source}:{earlier.line}",
                     )
                 )
                 continue
-            first_seen[rule.id] = rule
-            rules.append(rule)
+            first_seen[policy.rule_id] = policy
+            if policy.rule is None:
+                refused.append(policy.rule_id)
+            else:
+                rules.append(policy.rule)
+    # An override aimed only at refused rules is not "unknown" too: its rule's error says enough.
+    loaded = [rule.id for rule in rules]
+    overrides = [o for o in overrides if _names_any(loaded, o) or not _names_any(refused, o)]
     result, override_problems = apply_overrides(rules, overrides)
     problems.extend(override_problems)
     if problems:
@@ -102,12 +124,16 @@ def load_rules(paths: Iterable[Path]) -> tuple[tuple[Rule, ...], str]:
     return result, digest.hexdigest()[:12]
 
 
+def _names_any(rule_ids: Iterable[str], override: Override) -> bool:
+    return any(fnmatchcase(rule_id, override.pattern) for rule_id in rule_ids)
+
+
 def load_ruleset(paths: Iterable[Path] = (BUILTIN_POLICY_DIR,)) -> RuleSet:
     rules, revision = load_rules(paths)
     return compile_ruleset(rules, revision)
 
 
-def _parse_file(path: str, source: bytes) -> tuple[list[Rule], list[Override], list[Problem]]:
+def _parse_file(path: str, source: bytes) -> tuple[list[_Declared], list[Override], list[Problem]]:
     try:
         root = yaml.compose(source.decode("utf-8"), Loader=yaml.SafeLoader)
     except UnicodeDecodeError as exc:
@@ -118,28 +144,30 @@ def _parse_file(path: str, source: bytes) -> tuple[list[Rule], list[Override], l
         return [], [], [Problem(path, line, "", f"YAML syntax: {exc.problem or exc}")]
     if root is None:
         return [], [], [Problem(path, 1, "", "empty file: expected 'policies: [...]'")]
-    try:
-        top = nodes.fields(root, {"policies", "overrides"})
-        if not top:
-            raise nodes.Invalid(root, "expected 'policies: [...]' and/or 'overrides: [...]'")
-        items = nodes.sequence(top["policies"]) if "policies" in top else []
-    except nodes.Invalid as exc:
-        return [], [], [Problem(path, nodes.line(exc.node), "", exc.message)]
-    problems: list[Problem] = []
-    rules: list[Rule] = []
+    top, invalid = nodes.collect_fields(root, {"policies", "overrides"})
+    if not top and not invalid:
+        invalid.append(nodes.Invalid(root, "expected 'policies: [...]' and/or 'overrides: [...]'"))
+    problems = [Problem(path, nodes.line(exc.node), "", exc.message) for exc in invalid]
+    items: list[yaml.Node] = []
+    if "policies" in top:
+        try:
+            items = nodes.sequence(top["policies"])
+        except nodes.Invalid as exc:
+            problems.append(Problem(path, nodes.line(exc.node), "", exc.message))
+    declared: list[_Declared] = []
     for item in items:
-        rule, rule_problems = _parse_rule(path, item)
+        policy, rule_problems = _parse_rule(path, item)
         problems.extend(rule_problems)
-        if rule is not None:
-            rules.append(rule)
+        if policy is not None:
+            declared.append(policy)
     overrides: list[Override] = []
     if "overrides" in top:
         overrides, override_problems = parse_overrides(path, top["overrides"])
         problems.extend(override_problems)
-    return rules, overrides, problems
+    return declared, overrides, problems
 
 
-def _parse_rule(path: str, node: yaml.Node) -> tuple[Rule | None, list[Problem]]:
+def _parse_rule(path: str, node: yaml.Node) -> tuple[_Declared | None, list[Problem]]:
     if not isinstance(node, yaml.MappingNode):
         return None, [Problem(path, nodes.line(node), "", "a policy must be a mapping")]
     rule_id = ""
@@ -165,8 +193,9 @@ def _parse_rule(path: str, node: yaml.Node) -> tuple[Rule | None, list[Problem]]
     )
     for exc in invalid:
         report(exc)
+    declared = _Declared(rule_id, path, nodes.line(node), None) if rule_id else None
     if not {"id", "name", "severity", "action", "match"} <= fields.keys():
-        return None, problems
+        return declared, problems
     rule = Rule(
         id=field("id", nodes.rule_id, rule_id),
         name=field("name", nodes.text, ""),
@@ -177,19 +206,28 @@ def _parse_rule(path: str, node: yaml.Node) -> tuple[Rule | None, list[Problem]]
         stages=field("stages", nodes.stages, frozenset(Stage)),
         scope=field("scope", nodes.scope, Scope()),
         match=_match_collecting(fields["match"], report),
-        tests=field("tests", _tests, RuleTests()),
+        tests=_tests_collecting(fields["tests"], report) if "tests" in fields else RuleTests(),
         source=path,
         line=nodes.line(node),
     )
-    return (None if problems else rule), problems
+    if problems:
+        return declared, problems
+    return _Declared(rule.id, path, rule.line, rule), problems
 
 
-def _tests(node: yaml.Node) -> RuleTests:
-    fields = nodes.fields(node, {"match", "no_match"})
-    return RuleTests(
-        match=nodes.texts(fields["match"], non_empty=False) if "match" in fields else (),
-        no_match=nodes.texts(fields["no_match"], non_empty=False) if "no_match" in fields else (),
-    )
+def _tests_collecting(node: yaml.Node, report: Callable[[nodes.Invalid], None]) -> RuleTests:
+    fields, invalid = nodes.collect_fields(node, {"match", "no_match"})
+    for exc in invalid:
+        report(exc)
+
+    def texts(key: str) -> tuple[str, ...]:
+        try:
+            return nodes.texts(fields[key], non_empty=False) if key in fields else ()
+        except nodes.Invalid as exc:
+            report(exc)
+            return ()
+
+    return RuleTests(match=texts("match"), no_match=texts("no_match"))
 
 
 def _match_collecting(
@@ -198,10 +236,10 @@ def _match_collecting(
     """Parse a match spec, reporting every error inside it rather than only the first."""
     placeholder = RegexSpec("x")
     kinds = _PART_KINDS if in_all else _MATCH_KINDS
-    try:
-        fields = nodes.fields(node, _PART_KINDS)
-    except nodes.Invalid as exc:
+    fields, invalid = nodes.collect_fields(node, _PART_KINDS)
+    for exc in invalid:
         report(exc)
+    if invalid and not fields:
         return placeholder
     if len(fields) != 1:
         report(nodes.Invalid(node, f"match needs exactly one of {', '.join(kinds)}"))

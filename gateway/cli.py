@@ -6,15 +6,19 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from gateway import __version__
 from gateway.app import run, usage_body
 from gateway.audit import configure_logging
 from gateway.config import PARSERS, ConfigError, load_settings
+from gateway.demo import add_demo_parser
 from gateway.evaluation import EvalInputError, eval_files, render_eval
 from gateway.policy import (
     BUILTIN_POLICY_DIR,
@@ -28,6 +32,7 @@ from gateway.policy import (
 from gateway.policy.loader import rule_warnings
 from gateway.policy.selftest import run_rule_tests
 from gateway.runtime import run_loop
+from gateway.settings_help import flag_help, settings_epilog
 from gateway.usage.redis_store import RedisUsageStore
 from gateway.usage.store import Period, StoreUnavailable, Totals
 from gateway.workers import serve_workers
@@ -57,11 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="validate policy files; exit 1 listing every error (warnings listed, exit 0)"
     )
-    check.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
+    _policy_paths(check)
     check.set_defaults(run=_check)
 
     test = commands.add_parser("test", help="run every rule's tests")
-    test.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
+    _policy_paths(test)
     test.set_defaults(run=_test)
 
     explain = commands.add_parser("explain", help="show the decision on a text and where rules match")
@@ -82,57 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluation.add_argument("files", nargs="+", type=Path, metavar="FILE.jsonl")
     evaluation.set_defaults(run=_eval)
 
-    serve = commands.add_parser(
-        "serve", help="run the gateway (flags override GATEWAY_* variables and --config)"
-    )
-    serve.add_argument("--config", type=Path, help="YAML file of settings (or GATEWAY_CONFIG)")
-    serve.add_argument("--upstream", help="backend base URL (GATEWAY_UPSTREAM)")
-    serve.add_argument("--host", help="public address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="public port (default 8080)")
-    _admin_and_origin_options(serve)
-    _policies_option(serve)
-    serve.add_argument("--body-limit", type=int, help="bytes of a prompt request (default 1 MiB)")
-    serve.add_argument("--response-limit", type=int, help="bytes of an answer held to inspect (8 MiB)")
-    serve.add_argument("--connect-timeout", type=float, help="seconds to connect upstream (5)")
-    serve.add_argument("--read-timeout", type=float, help="seconds between upstream bytes (300)")
-    serve.add_argument(
-        "--response-field",
-        dest="response_fields",
-        action="append",
-        metavar="PATH",
-        help="JSON field of an answer to evaluate, e.g. choices[].message.content (repeatable)",
-    )
-    serve.add_argument("--stream-holdback", type=int, help="most characters a stream is held back (256)")
-    serve.add_argument("--redis-url", help="count usage in Redis (REDIS_URL); default: process memory")
-    serve.add_argument("--redis-timeout", type=float, help="seconds a Redis call may take (0.25)")
-    serve.add_argument(
-        "--usage-journal",
-        type=Path,
-        metavar="PATH",
-        help="keep usage not yet written to Redis at stop in PATH.<pid>, replayed at start",
-    )
-    serve.add_argument("--workspace-header", help="trusted header naming the workspace (off unless given)")
-    serve.add_argument(
-        "--workspace-lookup-pages", type=int, help="pages of GET /conversation a lookup reads (5)"
-    )
-    serve.add_argument(
-        "--quota-fail-closed",
-        action="store_const",
-        const=True,
-        default=None,
-        help="refuse budgeted workspaces while Redis is down (default: serve them)",
-    )
-    serve.add_argument("--log-format", choices=["json", "console"], help="log lines (default json)")
-    _serving_options(serve)
-    serve.add_argument(
-        "--watch-policies",
-        action="store_const",
-        const=True,
-        default=None,
-        help="reload when a policy file changes",
-    )
-    serve.add_argument("--audit-file", type=Path, help="also append violations to this JSON-lines file")
-    serve.set_defaults(run=_serve)
+    _add_serve_parser(commands)
+
+    add_demo_parser(commands)
 
     usage = commands.add_parser("usage", help="a workspace's token totals, read from Redis")
     usage.add_argument("workspace")
@@ -142,44 +99,84 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _admin_and_origin_options(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument("--admin-host", help="admin address (default 127.0.0.1)")
-    serve.add_argument("--admin-port", type=int, help="admin port: /healthz, /readyz (default 9090)")
+def _add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    width = shutil.get_terminal_size().columns - 2  # as argparse's formatter measures it
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway (flags override GATEWAY_* variables and --config)",
+        # Thirty flags: each is listed once, below, with its words.
+        usage="%(prog)s [-h] [--config PATH] [--FLAG VALUE ...]",
+        description=textwrap.fill(
+            "Run the gateway. Each flag names its variable and its default; the settings without "
+            "a flag are listed after them.",
+            width,
+        ),
+        # Laid out here, not by argparse: the epilog holds two lists.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    flagged: list[str] = []
+
+    def setting(name: str, *, flag: str | None = None, **options: Any) -> None:
+        """A flag of the setting ``name``, its help naming its variable and its default."""
+        flagged.append(name)
+        options.setdefault("metavar", _METAVARS.get(options.get("type")))
+        serve.add_argument(flag or "--" + name.replace("_", "-"), dest=name, help=flag_help(name), **options)
+
+    def switch(name: str) -> None:
+        setting(name, action="store_const", const=True, default=None, metavar=None)
+
+    serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help="YAML file of settings (env GATEWAY_CONFIG, default none)",
+    )
+    setting("upstream", metavar="URL")
+    setting("host", metavar="ADDRESS")
+    setting("port", type=int)
+    setting("admin_host", metavar="ADDRESS")
+    setting("admin_port", type=int)
     # No flag takes a secret itself: a command line is visible to every user of the machine.
-    serve.add_argument(
-        "--admin-token-file",
-        type=Path,
-        metavar="PATH",
-        help="file holding the admin port's bearer token, read again when it changes "
-        "(or GATEWAY_ADMIN_TOKEN; default: no token)",
-    )
-    serve.add_argument(
-        "--admin-open",
-        metavar="LIST",
-        help="admin endpoints served without the token, comma-separated (default healthz,readyz,metrics)",
-    )
-    serve.add_argument(
-        "--origin-header",
-        metavar="NAME",
-        help="header carrying the origin secret upstream (default X-Gateway-Origin)",
-    )
-    serve.add_argument(
-        "--origin-secret-file",
-        type=Path,
-        metavar="PATH",
-        help="file holding the secret added to every upstream request (or GATEWAY_ORIGIN_SECRET)",
-    )
+    setting("admin_token_file", type=Path)
+    setting("admin_open", metavar="LIST")
+    setting("origin_header", metavar="NAME")
+    setting("origin_secret_file", type=Path)
+    setting("policies", type=Path, action="append", metavar="DIR")
+    setting("body_limit", type=int)
+    setting("response_limit", type=int)
+    setting("connect_timeout", type=float)
+    setting("read_timeout", type=float)
+    setting("response_fields", flag="--response-field", action="append", metavar="PATH")
+    setting("stream_holdback", type=int)
+    setting("redis_url", metavar="URL")
+    setting("redis_timeout", type=float)
+    setting("usage_journal", type=Path)
+    setting("workspace_header", metavar="NAME")
+    setting("workspace_lookup_pages", type=int)
+    switch("quota_fail_closed")
+    setting("log_format", choices=["json", "console"])
+    setting("workers", type=int)
+    setting("shutdown_timeout", type=float)
+    setting("header_timeout", type=float)
+    setting("max_connections", type=int)
+    switch("watch_policies")
+    setting("audit_file", type=Path)
+    serve.epilog = settings_epilog(flagged, width)
+    serve.set_defaults(run=_serve)
 
 
-def _serving_options(serve: argparse.ArgumentParser) -> None:
-    """Processes, and how long and how many clients each holds."""
-    serve.add_argument("--workers", type=int, help="processes serving the same ports (default 1)")
-    serve.add_argument("--shutdown-timeout", type=float, help="seconds to finish requests on SIGTERM (30)")
-    serve.add_argument(
-        "--header-timeout", type=float, help="seconds a client has to send a request head (10)"
-    )
-    serve.add_argument(
-        "--max-connections", type=int, help="open client connections per worker; more get 503 (10000)"
+# Every number of seconds of serve is a float, and only those are.
+_METAVARS: dict[object, str] = {int: "N", float: "SECONDS", Path: "PATH"}
+
+
+def _policy_paths(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "dirs",
+        nargs="*",
+        type=Path,
+        default=[Path("builtin")],
+        metavar="DIR",
+        help="policy directory or file; 'builtin' names the shipped pack (default: builtin)",
     )
 
 
@@ -200,8 +197,13 @@ def _check(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(warning, file=sys.stderr)
     counted = f", {len(warnings)} warning(s)" if warnings else ""
-    print(f"ok: {len(rules)} rules, revision {revision}{counted}")
+    print(f"ok: {len(rules)} rules, revision {revision}{counted} {_checked(args.dirs)}")
     return 0
+
+
+def _checked(paths: Sequence[Path]) -> str:
+    """What a run read, as given: an operator sees whether the shipped pack was among it."""
+    return f"(policies: {', '.join(str(path) for path in paths)})"
 
 
 def _test(args: argparse.Namespace) -> int:
@@ -210,7 +212,8 @@ def _test(args: argparse.Namespace) -> int:
     for failure in report.failures:
         print(f"FAIL {failure.describe()}")
     status = "FAILED" if report.failures else "ok"
-    print(f"{status}: {report.rules} rules, {report.cases} cases, {len(report.failures)} failures")
+    summary = f"{report.rules} rules, {report.cases} cases, {len(report.failures)} failures"
+    print(f"{status}: {summary} {_checked(args.dirs)}")
     return 1 if report.failures else 0
 
 

@@ -258,6 +258,12 @@ ENV_ALIASES = {"redis_url": "REDIS_URL"}
 assert set(PARSERS) == {f.name for f in fields(Settings)}
 
 
+def env_variables(name: str) -> tuple[str, ...]:
+    """The variables a setting is read from, weakest first (``serve --help`` names them too)."""
+    alias = ENV_ALIASES.get(name)
+    return (*((alias,) if alias else ()), ENV_PREFIX + name.upper())
+
+
 def load_settings(
     flags: Mapping[str, object],
     environ: Mapping[str, str] = os.environ,
@@ -270,8 +276,8 @@ def load_settings(
         for key, value in _read_file(config_file, errors).items():
             raw[key] = (f"{config_file}: {key}", value)
     for name in PARSERS:
-        for env_name in (ENV_ALIASES.get(name), ENV_PREFIX + name.upper()):
-            if env_name and env_name in environ:
+        for env_name in env_variables(name):
+            if env_name in environ:
                 raw[name] = (env_name, environ[env_name])
     for name, value in flags.items():
         if value is not None:

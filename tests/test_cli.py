@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,8 +37,29 @@ policies:
 
 
 def test_check_accepts_valid_policies(write_policies: Write, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", str(write_policies({"p.yaml": RULES}))]) == 0
-    assert "ok: 2 rules" in capsys.readouterr().out
+    """The summary names what was checked, as given on the command line."""
+    directory = write_policies({"p.yaml": RULES})
+    assert main(["check", "builtin", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(
+        rf"ok: 10[0-9] rules, revision [0-9a-f]{{12}} \(policies: builtin, {directory}\)\n", out
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "summary"),
+    [
+        pytest.param("check", r"ok: 10[0-9] rules, revision [0-9a-f]{12}", id="check"),
+        pytest.param("test", r"ok: 10[0-9] rules, [0-9]{3,} cases, 0 failures", id="test"),
+    ],
+)
+def test_check_and_test_default_to_the_builtin_pack(
+    command: str, summary: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no DIR, check and test read the built-in pack and say so."""
+    assert main([command]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert re.fullmatch(rf"{summary} \(policies: builtin\)", last), last
 
 
 def test_check_lists_every_error_and_exits_1(
@@ -72,7 +94,7 @@ def test_test_prints_each_failure_and_exits_1(
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"FAIL {directory / 'p.yaml'}:10: t.word: expected match, got no match: 'secrets'"
     assert out[1] == f"FAIL {directory / 'p.yaml'}:10: t.word: expected no match, got match: 'one secret'"
-    assert out[-1] == "FAILED: 2 rules, 4 cases, 2 failures"
+    assert out[-1] == f"FAILED: 2 rules, 4 cases, 2 failures (policies: {directory})"
 
 
 def test_shipped_pack_passes_its_own_tests(capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,6 +118,14 @@ def test_explain_shows_rules_and_spans_but_never_the_matched_text(
 def test_explain_of_clean_text_allows(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", "--stage", "response", "hello there"]) == 0
     assert capsys.readouterr().out.startswith("decision: allow (stage response")
+
+
+def test_explain_defaults_to_the_builtin_pack(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --policies, explain judges with the shipped rules."""
+    assert main(["explain", f"my key is {KEY}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("decision: block (stage prompt")
+    assert "- secrets.aws-access-key-id [high] block: AWS access key id\n    span 10-30 (20 chars)" in out
 
 
 def _jsonl(path: Path, rows: list[tuple[str, int]]) -> Path:

@@ -356,3 +356,11 @@ def test_one_error_never_hides_another(
 ) -> None:
     """Each error of a run is reported, located by file, line and rule id, whatever else is wrong."""
     assert _located(_problems(write_policies(files))) == expected
+
+
+def test_an_unreadable_file_does_not_hide_the_errors_of_another(write_policies: Write) -> None:
+    """A policy path that cannot be read is one located error among the others, not the end of the run."""
+    directory = write_policies({"b.yaml": GOOD.replace("HIGH", "huge")})
+    (directory / "a.yaml").mkdir()  # unreadable as a file, even for root
+    located = _located(_problems(directory))
+    assert located == [("a.yaml", 0, "", "cannot read:"), ("b.yaml", 4, "a.one", "severity must")]

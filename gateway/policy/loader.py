@@ -91,7 +91,11 @@ def load_rules(paths: Iterable[Path]) -> tuple[tuple[Rule, ...], str]:
     first_seen: dict[str, _Declared] = {}
     digest = hashlib.sha256()
     for file in files:
-        source = file.read_bytes()
+        try:
+            source = file.read_bytes()
+        except OSError as exc:
+            problems.append(Problem(str(file), 0, "", f"cannot read: {exc.strerror or type(exc).__name__}"))
+            continue
         digest.update(f"{file.name}\0{len(source)}\0".encode())
         digest.update(source)
         declared, file_overrides, file_problems = _parse_file(str(file), source)

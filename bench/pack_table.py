@@ -1,4 +1,4 @@
-"""Print the built-in pack as the README's markdown table (id, what, action, mode).
+"""Print the built-in pack as the markdown table of docs/builtin-pack.md (id, what, action, mode).
 
 .venv/bin/python bench/pack_table.py
 """

@@ -3,7 +3,7 @@ went around the gateway (issue 13, item 7).
 
 Real servers only: the admin app through aiohttp's test server, a real ``gateway serve``
 process for what reaches its output, the Express backend in tests/express/ for what the backend
-receives, and the README's own Express middleware run by node.
+receives, and the Express middleware of docs/operations.md run by node.
 """
 
 from __future__ import annotations
@@ -421,11 +421,11 @@ async def test_a_renamed_origin_header_is_the_one_added_and_stripped(
     assert record["headers"]["x-gateway-origin"] == "just-a-header"
 
 
-# -- the README's Express middleware -----------------------------------------------------------
+# -- the Express middleware of docs/operations.md ------------------------------------------------
 
 
 def readme_middleware() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
     section = readme.split("## Closing the side door", 1)[1].split("\n## ", 1)[0]
     (snippet,) = re.findall(r"```js\n(.*?)```", section, flags=re.S)
     return snippet
@@ -434,7 +434,7 @@ def readme_middleware() -> str:
 async def test_the_readme_middleware_admits_the_gateway_and_refuses_the_side_door(
     aiohttp_server: Any, tmp_path: Path
 ) -> None:
-    """The README's snippet, in a real Express app: the gateway's requests pass, requests straight
+    """The docs' snippet, in a real Express app: the gateway's requests pass, requests straight
     to the backend (no header, a wrong one) get 403, and a backend with no secret will not start."""
     node = shutil.which("node")
     assert node is not None, "node is not installed (./scripts/test installs it)"

@@ -43,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`gateway eval ... | head`): what it read is what it wanted. The
+        # rest of the output goes nowhere, so that the interpreter's last flush fails quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except PolicyError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -189,3 +191,18 @@ def test_eval_refuses_a_malformed_line(tmp_path: Path, capsys: pytest.CaptureFix
     data.write_text('{"text": "a", "label": 0}\n{"label": 1}\n')
     assert main(["eval", str(data)]) == 2
     assert f"{data}:2:" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_gets_no_error(tmp_path: Path) -> None:
+    """`gateway eval ... | head -1`: the closed pipe ends the command quietly, exit 0."""
+    # A row a file, 1,000 files: more than a pipe holds, so the writer meets the closed pipe.
+    for index in range(1000):
+        (tmp_path / f"{index}.jsonl").write_text('{"text": "key AKIAIOSFODNN7EXAMPLE", "label": 1}\n')
+    files = str(tmp_path / "*.jsonl")
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", f"{sys.executable} -m gateway eval {files} | head -1"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.stdout.startswith("file")
+    assert done.stderr == ""
+    assert done.returncode == 0

@@ -10,8 +10,6 @@ import asyncio
 import io
 import json
 import logging
-import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,8 +24,8 @@ from aiohttp.test_utils import TestServer
 from gateway.audit import configure_logging
 from gateway.state import GatewayState
 from gateway.usage.store import Period
+from tests.gateway_process import ServedProcess, served_processes
 from tests.proxy_fixtures import Upstream, start_gateway, start_upstream
-from tests.redis_fixtures import free_ports
 
 BROKE_OFF = {"success": False, "message": "Upstream broke off its answer", "error_code": "UPSTREAM_ERROR"}
 
@@ -377,10 +375,7 @@ async def test_a_write_to_a_client_gone_is_a_499_without_a_traceback(
 # Slow and surplus clients, against `gateway serve` as a process.
 
 
-class Served:
-    def __init__(self, process: asyncio.subprocess.Process, port: int, admin: int, log: Path) -> None:
-        self.process, self.port, self.admin, self.log = process, port, admin, log
-
+class Served(ServedProcess):
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", self.port)
 
@@ -398,37 +393,9 @@ class Served:
 async def serve(
     upstream: tuple[Upstream, TestServer], tmp_path: Path
 ) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
-    started: list[Served] = []
-
-    async def start(*args: str) -> Served:
-        port, admin = free_ports(2)
-        log = tmp_path / f"gateway-{port}.log"
-        with log.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway", "serve", "--upstream", str(upstream[1].make_url("/")),
-                "--port", str(port), "--admin-port", str(admin), *args, stdout=out, stderr=out,
-            )  # fmt: skip
-        served = Served(process, port, admin, log)
-        started.append(served)
-        async with aiohttp.ClientSession() as session:
-            for _ in range(150):
-                try:
-                    async with session.get(f"http://127.0.0.1:{admin}/healthz") as response:
-                        if response.status == 200:
-                            return served
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
-        raise AssertionError(f"gateway did not start:\n{log.read_text()}")
-
-    yield start
-    for served in started:
-        if served.process.returncode is None:
-            served.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(served.process.wait(), timeout=15)
-            except TimeoutError:
-                served.process.kill()
-                await served.process.wait()
+    upstream_url = str(upstream[1].make_url("/"))
+    async with served_processes(Served, upstream_url, tmp_path, gently=True) as start:
+        yield start
 
 
 GET = b"GET /files/a HTTP/1.1\r\nHost: gw\r\n\r\n"

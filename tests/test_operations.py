@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import signal
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,8 +16,9 @@ from aiohttp import web
 
 from gateway.usage.redis_store import RedisUsageStore
 from gateway.usage.store import Period
+from tests.gateway_process import ServedProcess, served_processes
 from tests.proxy_fixtures import start_upstream
-from tests.redis_fixtures import RedisProcess, free_ports
+from tests.redis_fixtures import RedisProcess
 
 BASE = (
     "policies:\n"
@@ -28,20 +27,9 @@ BASE = (
 BANANA = "  - {id: t.banana, name: Banana, severity: low, action: block, match: {keywords: [banana]}}\n"
 
 
-class Gateway:
-    def __init__(self, process: asyncio.subprocess.Process, port: int, admin: int, log: Path) -> None:
-        self.process, self.port, self.admin, self.log = process, port, admin, log
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def admin_url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.admin}{path}"
-
+class Gateway(ServedProcess):
     def events(self, name: str) -> list[dict[str, Any]]:
-        lines = self.log.read_text().splitlines()
-        parsed = [json.loads(line) for line in lines if line.startswith("{")]
-        return [event for event in parsed if event.get("event") == name]
+        return [event for event in self.log_events() if event.get("event") == name]
 
     async def stop(self) -> int:
         if self.process.returncode is None:
@@ -57,33 +45,8 @@ async def upstream(aiohttp_server: Any) -> Any:
 
 @pytest.fixture
 async def launch(upstream: Any, tmp_path: Path) -> AsyncIterator[Any]:
-    started: list[Gateway] = []
-
-    async def start(*args: str) -> Gateway:
-        port, admin = free_ports(2)
-        log = tmp_path / f"gateway-{port}.log"
-        with log.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway", "serve", "--upstream", str(upstream[1].make_url("/")),
-                "--port", str(port), "--admin-port", str(admin), *args, stdout=out, stderr=out,
-            )  # fmt: skip
-        gateway = Gateway(process, port, admin, log)
-        started.append(gateway)
-        async with aiohttp.ClientSession() as session:
-            for _ in range(150):
-                try:
-                    async with session.get(gateway.admin_url("/healthz")) as response:
-                        if response.status == 200:
-                            return gateway
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
-        raise AssertionError(f"gateway did not start:\n{log.read_text()}")
-
-    yield start
-    for gateway in started:
-        if gateway.process.returncode is None:
-            gateway.process.kill()
-            await gateway.process.wait()
+    async with served_processes(Gateway, str(upstream[1].make_url("/")), tmp_path) as start:
+        yield start
 
 
 async def _prompt(session: aiohttp.ClientSession, gateway: Gateway, text: str) -> int:

@@ -6,9 +6,7 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import stat
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,8 +20,9 @@ from gateway.config import ConfigError, load_settings
 from gateway.usage.journal import UsageJournal
 from gateway.usage.redis_store import RedisUsageStore
 from gateway.usage.store import Period, Totals, UsageRecord
+from tests.gateway_process import ServedProcess, served_processes
 from tests.proxy_fixtures import start_upstream
-from tests.redis_fixtures import RedisProcess, free_ports
+from tests.redis_fixtures import RedisProcess
 
 TOKENS_IN, TOKENS_OUT = 12, 8
 NOW = datetime.now(UTC)
@@ -372,51 +371,20 @@ async def _reporting(_: web.Request) -> web.StreamResponse:
     return web.json_response({"success": True, "message": "ok", "usage": usage})
 
 
-class Gateway:
-    def __init__(self, process: asyncio.subprocess.Process, port: int, admin: int, log: Path) -> None:
-        self.process, self.port, self.admin, self.log = process, port, admin, log
-
+class Gateway(ServedProcess):
     def events(self) -> list[dict[str, Any]]:
-        lines = self.log.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    async def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.process.wait(), timeout=60)
+        return self.log_events()
 
 
 @pytest.fixture
 async def launch(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     recorder, upstream = await start_upstream(aiohttp_server)
     recorder.handler = _reporting
-    started: list[Gateway] = []
-
-    async def start(*args: str) -> Gateway:
-        port, admin = free_ports(2)
-        log = tmp_path / f"gateway-{port}.log"
-        with log.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway", "serve", "--upstream", str(upstream.make_url("/")),
-                "--port", str(port), "--admin-port", str(admin), "--workspace-header", "X-Workspace-Id",
-                *args, stdout=out, stderr=out,
-            )  # fmt: skip
-        gateway = Gateway(process, port, admin, log)
-        started.append(gateway)
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(f"http://127.0.0.1:{admin}/healthz") as response:
-                        if response.status == 200:
-                            return gateway
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
-        raise AssertionError(f"gateway did not start:\n{log.read_text()}")
-
-    yield start
-    for gateway in started:
-        if gateway.process.returncode is None:
-            gateway.process.kill()
-            await gateway.process.wait()
+    fixed = ("--workspace-header", "X-Workspace-Id")
+    async with served_processes(
+        Gateway, str(upstream.make_url("/")), tmp_path, *fixed, attempts=200
+    ) as start:
+        yield start
 
 
 async def _usage(session: aiohttp.ClientSession, gateway: Gateway, workspace: str) -> dict[str, Any]:

@@ -50,17 +50,25 @@ async def serve_process(
             "--port", str(port), "--admin-port", str(admin), *args, stdout=out, stderr=out,
         )  # fmt: skip
     served = kind(process, port, admin, log)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(attempts):
-            try:
-                async with session.get(served.admin_url("/healthz")) as response:
-                    if response.status == 200:
-                        return served
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.1)
+    if await answers(served.admin_url("/healthz"), attempts):
+        return served
     process.kill()
     await process.wait()
     raise AssertionError(f"gateway did not start:\n{log.read_text()}")
+
+
+async def answers(url: str, attempts: int = 150) -> bool:
+    """Whether ``url`` answers 200 within ``attempts`` tries, 0.1 s apart (a gateway starting)."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(attempts):
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return True
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    return False
 
 
 @contextlib.asynccontextmanager

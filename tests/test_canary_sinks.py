@@ -31,6 +31,7 @@ import pytest
 from aiohttp import web
 
 from gateway.policy import Action, Stage, evaluate, load_ruleset
+from tests.gateway_process import answers
 from tests.redis_fixtures import free_port
 
 RULESET = load_ruleset()
@@ -192,14 +193,7 @@ async def stack(tmp_path: Path, aiohttp_server: Any) -> AsyncIterator[tuple[Stac
     )  # fmt: skip
     stack = Stack(port, admin, process, audit, sinks)
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                try:
-                    async with session.get(f"http://127.0.0.1:{admin}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
+        assert await answers(f"http://127.0.0.1:{admin}/readyz"), "the gateway did not start"
         yield stack, canaries
     finally:
         if process.returncode is None:

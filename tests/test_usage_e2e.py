@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway.usage.redis_store import RedisUsageStore
 from gateway.usage.store import Period, Totals
+from tests.gateway_process import answers
 from tests.proxy_fixtures import start_upstream
 from tests.redis_fixtures import RedisProcess, free_ports
 
@@ -72,14 +73,7 @@ async def gateways(
 
 
 async def _wait_ready(session: aiohttp.ClientSession, gateway: Gateway) -> None:
-    for _ in range(150):
-        try:
-            async with session.get(f"http://127.0.0.1:{gateway.admin}/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            await asyncio.sleep(0.1)
-    raise AssertionError("gateway did not start")
+    assert await answers(f"http://127.0.0.1:{gateway.admin}/healthz"), "gateway did not start"
 
 
 async def _send(session: aiohttp.ClientSession, url: str, workspace: str) -> int:

@@ -16,6 +16,7 @@ import asyncio
 import json
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,8 +35,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def wait_until_up(session: aiohttp.ClientSession, url: str) -> None:
-    for _ in range(200):
+async def wait_until_up(
+    session: aiohttp.ClientSession, url: str, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait (20 s at most) until ``url`` answers; stop at once if ``process`` exits first."""
+    for _ in range(400):
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"{url}: the process exited with status {process.returncode} before answering")
         try:
             async with session.get(url) as response:
                 await response.read()

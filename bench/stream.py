@@ -35,7 +35,6 @@ import bisect
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import IO
 
 import aiohttp
+from latency import free_port, wait_until_up
 from sse_upstream import TEXTS, events, pieces
 
 HERE = Path(__file__).resolve().parent
@@ -87,12 +87,6 @@ class Expected:
             ends.append(offset)
         content = [index for index, (_, text) in enumerate(answer) if text]
         return cls(b"".join(event for event, _ in answer), ends, content[0], content)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def quantile(samples: list[float], q: float) -> float:
@@ -143,19 +137,6 @@ async def one_stream(
         lag_ms=max(lags) * 1000,
         total_ms=(ended - started) * 1000,
     )
-
-
-async def wait_until_up(session: aiohttp.ClientSession, url: str, process: subprocess.Popen[bytes]) -> None:
-    for _ in range(400):
-        if process.poll() is not None:
-            raise SystemExit(f"{url}: the process exited with status {process.returncode} before answering")
-        try:
-            async with session.get(url) as response:
-                await response.read()
-                return
-        except aiohttp.ClientConnectionError:
-            await asyncio.sleep(0.05)
-    raise SystemExit(f"{url} did not come up")
 
 
 async def measure(args: argparse.Namespace, targets: list[Target], upstream: str) -> None:

@@ -217,8 +217,13 @@ def _test(args: argparse.Namespace) -> int:
     report = run_rule_tests(rules)
     for failure in report.failures:
         print(f"FAIL {failure.describe()}")
+    # Without a model a judge cannot decide: its cases are neither passed nor failed.
+    for skipped in report.skipped:
+        print(f"SKIP {skipped.describe()}")
     status = "FAILED" if report.failures else "ok"
     summary = f"{report.rules} rules, {report.cases} cases, {len(report.failures)} failures"
+    if report.skipped:
+        summary += f", {report.skipped_cases} skipped"
     print(f"{status}: {summary} {_checked(args.dirs)}")
     return 1 if report.failures else 0
 
@@ -233,14 +238,23 @@ def _explain(args: argparse.Namespace) -> int:
 
 def render_decision(decision: Decision) -> str:
     """The decision with offsets and lengths only: explain output may be pasted anywhere."""
+    pending = f", {len(decision.pending)} pending the judge" if decision.pending else ""
     lines = [
         f"decision: {decision.action.label} (stage {decision.stage.value}, "
-        f"revision {decision.revision}, {len(decision.violations)} rule(s) matched)"
+        f"revision {decision.revision}, {len(decision.violations)} rule(s) matched{pending})"
     ]
     for v in decision.violations:
         shadow = f" (shadow: would {v.action.label})" if v.mode.value == "shadow" else ""
         lines.append(f"- {v.rule_id} [{v.severity.value}] {v.action.label}{shadow}: {v.name}")
         lines.extend(f"    span {s.start}-{s.end} ({s.length} chars)" for s in v.spans)
+    # What the model would be asked: the rule's own words, shortened, never the text.
+    for p in decision.pending:
+        shadow = f" (shadow: would {p.action.label})" if p.mode.value == "shadow" else ""
+        lines.extend(
+            f"- pending judge: {check.key} [{p.severity.value}] {p.action.label}{shadow}: "
+            f'"{textwrap.shorten(check.instruction, width=72, placeholder=" ...")}"'
+            for check in p.checks
+        )
     return "\n".join(lines)
 
 

@@ -23,11 +23,13 @@ from gateway.policy.model import (
     AnySpec,
     DetectorSpec,
     ExceptSpec,
+    JudgeSpec,
     KeywordsSpec,
     MatchSpec,
     MaxTokensSpec,
     Mode,
     NotSpec,
+    OnError,
     RegexSpec,
     Rule,
     RuleTests,
@@ -44,7 +46,7 @@ BUILTIN_POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 _RULE_KEYS = frozenset(
     {"id", "name", "description", "severity", "action", "mode", "stages", "scope", "match", "tests"}
 )
-_MATCH_KINDS = ("regex", "keywords", "detector", "max_tokens", "any", "all", "not")
+_MATCH_KINDS = ("regex", "keywords", "detector", "max_tokens", "judge", "any", "all", "not")
 # ``except`` is a part of an ``all``, never a match on its own.
 _PART_KINDS = (*_MATCH_KINDS, "except")
 _EMPTY_PROBES = ("", " ", "a", "0", "\n")
@@ -271,6 +273,8 @@ def _match_collecting(
                 return KeywordsSpec(nodes.texts(value, non_empty=True))
             case "detector":
                 return _detector(value)
+            case "judge":
+                return _judge(value, report)
             case _:
                 return _max_tokens(value)
     except nodes.Invalid as exc:
@@ -394,6 +398,60 @@ def _detector(node: yaml.Node) -> DetectorSpec:
                 raise nodes.Invalid(value_node, f"parameter '{key}' must be at least {spec.minimum}")
             params.append((key, value))
     return DetectorSpec(name, tuple(params))
+
+
+_NO_INSTRUCTION = "a judge needs an instruction: what the rule forbids, in plain language"
+
+
+def _judge(node: yaml.Node, report: Callable[[nodes.Invalid], None]) -> JudgeSpec:
+    """``judge: INSTRUCTION``, or ``judge: {instruction, examples: {violating, compliant}, on_error}``."""
+    if isinstance(node, yaml.ScalarNode):
+        return JudgeSpec(_instruction(node))
+    if not isinstance(node, yaml.MappingNode):
+        raise nodes.Invalid(
+            node, "judge takes an instruction, or a mapping of instruction, examples and on_error"
+        )
+    fields, invalid = nodes.collect_fields(node, {"instruction", "examples", "on_error"}, {"instruction"})
+    for exc in invalid:
+        report(exc)
+
+    def parsed(key: str, parse: Callable[[yaml.Node], T], default: T) -> T:
+        try:
+            return parse(fields[key]) if key in fields else default
+        except nodes.Invalid as exc:
+            report(exc)
+            return default
+
+    no_examples: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    violating, compliant = parsed("examples", lambda n: _examples(n, report), no_examples)
+    return JudgeSpec(
+        instruction=parsed("instruction", _instruction, ""),
+        violating=violating,
+        compliant=compliant,
+        on_error=parsed("on_error", lambda n: nodes.choice(n, OnError), OnError.ALLOW),
+    )
+
+
+def _instruction(node: yaml.Node) -> str:
+    value = nodes.scalar(node) if isinstance(node, yaml.ScalarNode) else None
+    if not isinstance(value, str) or not value.strip():
+        raise nodes.Invalid(node, _NO_INSTRUCTION)
+    return value
+
+
+def _examples(
+    node: yaml.Node, report: Callable[[nodes.Invalid], None]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    fields, invalid = nodes.collect_fields(node, {"violating", "compliant"})
+    for exc in invalid:
+        report(exc)
+    found: dict[str, tuple[str, ...]] = {}
+    for key, value in fields.items():
+        try:
+            found[key] = nodes.texts(value, non_empty=False)
+        except nodes.Invalid as exc:
+            report(exc)
+    return found.get("violating", ()), found.get("compliant", ())
 
 
 def _max_tokens(node: yaml.Node) -> MaxTokensSpec:

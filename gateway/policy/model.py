@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
+from types import MappingProxyType
 
 
 class Severity(Enum):
@@ -113,7 +114,39 @@ class ExceptSpec:
     part: MatchSpec
 
 
-MatchSpec = RegexSpec | KeywordsSpec | DetectorSpec | MaxTokensSpec | AnySpec | AllSpec | NotSpec | ExceptSpec
+class OnError(Enum):
+    """What a judge check counts as when the model gives no verdict on it."""
+
+    ALLOW = "allow"  # as not violated: the text passes this check
+    BLOCK = "block"  # as violated: the rule acts with its own action
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeSpec:
+    """Matches when a model judges that the whole text does what ``instruction`` forbids.
+
+    The engine never asks the model: until a verdict is supplied, the judge is unknown.
+    """
+
+    instruction: str
+    violating: tuple[str, ...] = ()
+    compliant: tuple[str, ...] = ()
+    # Allow by default: a model that is down or slow would otherwise block every text in the
+    # judge's scope. The I/O layer counts every failure as a fallback, never as a pass.
+    on_error: OnError = OnError.ALLOW
+
+
+MatchSpec = (
+    RegexSpec
+    | KeywordsSpec
+    | DetectorSpec
+    | MaxTokensSpec
+    | AnySpec
+    | AllSpec
+    | NotSpec
+    | ExceptSpec
+    | JudgeSpec
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +183,9 @@ def estimate_tokens(text: str) -> int:
     return (len(text) + 3) // 4
 
 
+NO_VERDICTS: Mapping[str, bool] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Context:
     """Who a request belongs to; ids the gateway could not resolve stay ``None``."""
@@ -158,6 +194,8 @@ class Context:
     workspace: str | None = None
     repo: str | None = None
     count_tokens: Callable[[str], int] = estimate_tokens
+    # The model's verdicts (True: violates) by judge check key; a check without one is unknown.
+    verdicts: Mapping[str, bool] = field(default_factory=lambda: NO_VERDICTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,11 +227,46 @@ class Violation:
 
 
 @dataclass(frozen=True, slots=True)
+class JudgeCheck:
+    """One question for the model: the judge of a rule, under the key its verdict is given by.
+
+    The key is the rule id; a rule holding several judges keys them ``rule-id#1``,
+    ``rule-id#2``, ... in the order they are written.
+    """
+
+    key: str
+    instruction: str
+    violating: tuple[str, ...] = ()
+    compliant: tuple[str, ...] = ()
+    on_error: OnError = OnError.ALLOW
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRule:
+    """A rule that only the model can decide on this text, and the checks it still needs."""
+
+    rule_id: str
+    name: str
+    severity: Severity
+    action: Action
+    mode: Mode
+    stage: Stage
+    checks: tuple[JudgeCheck, ...]
+
+    @property
+    def effective_action(self) -> Action:
+        return Action.LOG if self.mode is Mode.SHADOW else self.action
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
+    """``action`` counts the decided ``violations`` only; ``pending`` rules await the model."""
+
     stage: Stage
     action: Action
     revision: str
     violations: tuple[Violation, ...] = field(default=())
+    pending: tuple[PendingRule, ...] = field(default=())
 
     @property
     def blocked(self) -> bool:

@@ -3,13 +3,14 @@
 Every regex, keyword and detector candidate of a stage becomes one probe in a single
 ``re2.Set``: one pass over the text says which probes hit, and only the rules owning those
 probes are looked at again. Rules that can match with no probe hitting (``not``,
-``max_tokens``) are evaluated on every text of their stage. The patterns of an ``except`` join
-the set too: they are searched only in a text where the set saw them and the rule found a match.
+``max_tokens``, a ``judge`` that no pattern gates) are evaluated on every text of their stage.
+The patterns of an ``except`` join the set too: they are searched only in a text where the set
+saw them and the rule found a match.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -23,6 +24,8 @@ from gateway.policy.model import (
     AnySpec,
     DetectorSpec,
     ExceptSpec,
+    JudgeCheck,
+    JudgeSpec,
     KeywordsSpec,
     MatchSpec,
     MaxTokensSpec,
@@ -79,7 +82,14 @@ class MaxTokensNode:
     limit: int
 
 
-Node = ProbeNode | AnyNode | AllNode | NotNode | MaxTokensNode | ExceptNode
+@dataclass(frozen=True, slots=True)
+class JudgeNode:
+    """The model's verdict on the whole text: unknown until the caller supplies it."""
+
+    check: JudgeCheck
+
+
+Node = ProbeNode | AnyNode | AllNode | NotNode | MaxTokensNode | ExceptNode | JudgeNode
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +104,8 @@ class StagePlan:
     matcher: Any  # re2.Set, or None when the stage has no probe
     owner: tuple[int, ...]  # probe index -> index in ``rules``
     always: frozenset[int]  # rules evaluated whatever the set reports
+    # Rules holding a judge, evaluated three-valued; empty, the plan evaluates as it always did.
+    judged: frozenset[int] = frozenset()
 
     @property
     def probe_count(self) -> int:
@@ -116,9 +128,17 @@ class _PlanBuilder:
         self.owner: list[int] = []
         self.rules: list[CompiledRule] = []
         self.always: set[int] = set()
+        self.judged: set[int] = set()
+        self._judge_keys: Iterator[str] = iter(())
 
     def add(self, rule: Rule) -> None:
         rule_index = len(self.rules)
+        judges = sum(isinstance(spec, JudgeSpec) for spec in _specs(rule.match))
+        if judges:
+            self.judged.add(rule_index)
+        # Keyed in the order written, which is the order ``_node`` meets them in.
+        keys = [rule.id] if judges == 1 else [f"{rule.id}#{n}" for n in range(1, judges + 1)]
+        self._judge_keys = iter(keys)
         node = self._node(rule.match, rule_index)
         self.rules.append(CompiledRule(rule, node))
         if may_match_without_probes(node):
@@ -150,6 +170,9 @@ class _PlanBuilder:
                 return self._probe(detector.pattern, rule_index, detector.validate, resolved)
             case MaxTokensSpec(limit):
                 return MaxTokensNode(limit)
+            case JudgeSpec(instruction, violating, compliant, on_error):
+                key = next(self._judge_keys)
+                return JudgeNode(JudgeCheck(key, instruction, violating, compliant, on_error))
             case AnySpec(parts):
                 return AnyNode(tuple(self._node(part, rule_index) for part in parts))
             case AllSpec(parts):
@@ -184,7 +207,22 @@ class _PlanBuilder:
                     ]
                 ) from None
             matcher = self.matcher
-        return StagePlan(tuple(self.rules), matcher, tuple(self.owner), frozenset(self.always))
+        return StagePlan(
+            tuple(self.rules), matcher, tuple(self.owner), frozenset(self.always), frozenset(self.judged)
+        )
+
+
+def _specs(spec: MatchSpec) -> Iterator[MatchSpec]:
+    """The spec and every spec inside it, in the order they are written."""
+    yield spec
+    match spec:
+        case AnySpec(parts) | AllSpec(parts):
+            for part in parts:
+                yield from _specs(part)
+        case NotSpec(part) | ExceptSpec(part):
+            yield from _specs(part)
+        case _:
+            return
 
 
 def may_match_without_probes(node: Node) -> bool:
@@ -201,7 +239,22 @@ def may_match_without_probes(node: Node) -> bool:
             return all(may_match_without_probes(part) for part in parts)
         case NotNode():
             return True
+        case JudgeNode():
+            # Unknown on any text, and possibly true: only a pattern beside it in an ``all`` gates it.
+            return True
         case ExceptNode():
+            return False
+
+
+def holds_judge(node: Node) -> bool:
+    match node:
+        case JudgeNode():
+            return True
+        case AnyNode(parts) | AllNode(parts):
+            return any(holds_judge(part) for part in parts)
+        case NotNode(part):
+            return holds_judge(part)
+        case _:
             return False
 
 

@@ -423,6 +423,7 @@ class _StreamForwarder:
     ) -> None:
         self.request = request
         self.state = request.app[STATE]
+        self.metrics = self.state.observer.metrics
         self.response = response
         self.context = context
         self.exchange = exchange
@@ -436,12 +437,15 @@ class _StreamForwarder:
         self.sent = 0
         self.started = False
         self.strongest = Action.ALLOW
+        # When the first event with text arrived, and its place among the events: the time it
+        # waits before the client gets it is the hold-back's cost to the first word.
+        self.first_text: tuple[float, int] | None = None
 
     def _lane(self, codec: str) -> _Lane:
         decoder = None if self.sse else codecs.getincrementaldecoder(codec)(errors="replace")
-        return _Lane(
-            codec, decoder, StreamGuard(self.state.ruleset, self.context, holdback=self.state.holdback)
-        )
+        state = self.state
+        guard = StreamGuard(state.ruleset, self.context, holdback=state.stream_holdback)
+        return _Lane(codec, decoder, guard)
 
     async def run(self, upstream: aiohttp.ClientResponse) -> None:
         content = upstream.content
@@ -507,6 +511,8 @@ class _StreamForwarder:
                 if self.exchange is not None:
                     _note_streamed(self.exchange, texts[0], None, limit=state.settings.response_limit)
             self.held.append(event)
+            if self.first_text is None and texts[0]:
+                self.first_text = (started, self.sent + len(self.held) - 1)
             if side is not None:
                 try:
                     decision = self.lanes[0].guard.side(side.text)
@@ -524,6 +530,8 @@ class _StreamForwarder:
                 if step.blocked is not None:
                     return await self.end(block_body(step.blocked))
                 lane.released += len(step.release)
+            if texts[0]:
+                self.metrics.stream_holdback.observe(self.lanes[0].guard.held_chars)
             self.info.response_own += time.perf_counter() - started
             await self.release()
         return True
@@ -534,6 +542,8 @@ class _StreamForwarder:
         while self.sent < upto:
             await self.response.write(self.held.popleft())
             self.sent += 1
+            if self.first_text is not None and self.sent == self.first_text[1] + 1:
+                self.metrics.stream_first_byte_delay.observe(time.perf_counter() - self.first_text[0])
 
     async def failed(self, exc: Exception) -> bool:
         # Fail closed, as for a whole answer: what was not evaluated is not sent.

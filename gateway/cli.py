@@ -17,7 +17,7 @@ from typing import Any
 from gateway import __version__
 from gateway.app import run, usage_body
 from gateway.audit import configure_logging
-from gateway.config import PARSERS, ConfigError, load_settings
+from gateway.config import PARSERS, ConfigError, Settings, load_settings
 from gateway.demo import add_demo_parser
 from gateway.evaluation import EvalInputError, eval_files, render_eval
 from gateway.policy import (
@@ -25,10 +25,12 @@ from gateway.policy import (
     Decision,
     PolicyError,
     Stage,
+    compile_ruleset,
     evaluate,
     load_rules,
     load_ruleset,
 )
+from gateway.policy.holdback import plan_holdback
 from gateway.policy.loader import rule_warnings
 from gateway.policy.selftest import run_rule_tests
 from gateway.runtime import run_loop
@@ -69,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate policy files; exit 1 listing every error (warnings listed, exit 0)"
     )
     _policy_paths(check)
+    check.add_argument(
+        "--holdback",
+        action="store_true",
+        help="also list how streamed answers are held back for each block rule of the response stage",
+    )
+    check.add_argument(
+        "--stream-holdback",
+        type=int,
+        default=Settings().stream_holdback,
+        metavar="N",
+        help="with --holdback: the most characters held back, as serve's flag (default %(default)s)",
+    )
     check.set_defaults(run=_check)
 
     test = commands.add_parser("test", help="run every rule's tests")
@@ -204,6 +218,11 @@ def _check(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     counted = f", {len(warnings)} warning(s)" if warnings else ""
     print(f"ok: {len(rules)} rules, revision {revision}{counted} {_checked(args.dirs)}")
+    if args.holdback:
+        holdback = plan_holdback(compile_ruleset(rules, revision), Stage.RESPONSE, args.stream_holdback)
+        print(f"stream hold-back: at most {holdback.window} characters, {holdback.fixed} whatever the text")
+        for rule in holdback.rules:
+            print(f"  {rule.rule_id}: {rule.describe()}")
     return 0
 
 

@@ -13,6 +13,8 @@ from gateway.policy import Action, Rule, RuleSet, Stage
 # Reaching LLM latencies: a streamed answer can take minutes.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 120)
+# Characters of a stream's text held back: a word or two, a key being held, the cap (256).
+HOLDBACK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 ROUTES = ("prompt", "messages", "conversations", "passthrough")
 OTHER = "other"
 
@@ -86,6 +88,16 @@ class Metrics:
             "policy_gateway_uncounted_exchanges",
             "Forwarded prompts not counted against a budget (nothing served), by upstream status.",
             ("status",), registry=r,
+        )  # fmt: skip
+        self.stream_holdback = Histogram(
+            "policy_gateway_stream_holdback_chars",
+            "Characters of streamed text received and not yet released, after each event with text.",
+            buckets=HOLDBACK_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stream_first_byte_delay = Histogram(
+            "policy_gateway_stream_first_byte_delay_seconds",
+            "Time from the first upstream event with text to its release to the client.",
+            buckets=BUCKETS, registry=r,
         )  # fmt: skip
         self.quota_rejections = Counter(
             "policy_gateway_quota_rejections", "Requests refused because a budget was used up.", registry=r

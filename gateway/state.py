@@ -12,8 +12,8 @@ from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.observe import Observer
 from gateway.policy import RuleSet, Stage
+from gateway.policy.holdback import Holdback, plan_holdback
 from gateway.redaction import REDACTOR
-from gateway.streaming import holdback_chars
 from gateway.usage.accounting import Accountant
 from gateway.usage.memory_store import MemoryUsageStore
 from gateway.usage.quota import QuotaGate
@@ -58,7 +58,8 @@ class GatewayState:
     settings: Settings
     ruleset: RuleSet
     field_paths: tuple[tuple[str, ...], ...] = field(init=False)
-    holdback: int = field(init=False)
+    # What streamed answers hold back under the rule set's block rules (``gateway.streaming``).
+    stream_holdback: Holdback = field(init=False)
     observer: Observer = field(init=False)
     store: UsageStore = field(init=False)
     accountant: Accountant = field(init=False)
@@ -69,7 +70,7 @@ class GatewayState:
     def __post_init__(self) -> None:
         settings = self.settings
         self.field_paths = settings.field_paths
-        self.holdback = holdback_chars(self.ruleset, Stage.RESPONSE, settings.stream_holdback)
+        self.stream_holdback = plan_holdback(self.ruleset, Stage.RESPONSE, settings.stream_holdback)
         self.observer = make_observer(settings)
         self.observer.ruleset(self.ruleset)
         REDACTOR.ruleset = self.ruleset
@@ -90,10 +91,15 @@ class GatewayState:
 
     def swap_ruleset(self, ruleset: RuleSet) -> None:
         """Serve a new rule set from the next evaluation on; requests under way keep theirs."""
-        holdback = holdback_chars(ruleset, Stage.RESPONSE, self.settings.stream_holdback)
-        self.ruleset, self.holdback = ruleset, holdback
+        holdback = plan_holdback(ruleset, Stage.RESPONSE, self.settings.stream_holdback)
+        self.ruleset, self.stream_holdback = ruleset, holdback
         self.observer.ruleset(ruleset)
         REDACTOR.ruleset = ruleset
+
+    @property
+    def holdback(self) -> int:
+        """The characters every stream holds whatever its text (rules held by a fixed window)."""
+        return self.stream_holdback.fixed
 
     @property
     def session(self) -> aiohttp.ClientSession:

@@ -1,18 +1,24 @@
 """Policy enforcement on a streamed answer, as pure logic that the proxy drives event by event.
 
-Guarantee: a match of a block rule that is at most ``holdback`` characters long never reaches
-the client; a longer match may have its first characters released before the block ends the
-stream. Lengths count characters of the stream text, so invisible characters or combining
-marks inside a match make it longer than its pattern's width.
+Guarantee: no character of a match of an enforced block rule reaches the client, even when the
+match is split across events, as long as the match is at most ``window`` characters long (the
+longest match any block rule can make, capped by ``stream_holdback``); a longer match may have
+its first characters released before the block ends the stream. Lengths count characters of
+the stream text, so invisible characters or combining marks inside a match make it longer.
 
-Cost: the client sees the text ``holdback`` characters late; held events are released as more
-text arrives, or at the end of the stream.
+Cost: only the end of the text that could still become a match is held back
+(``gateway.policy.holdback``): ordinary prose leaves at once, or one event later when an event
+ends in the middle of a word that could begin a key; text that looks like the beginning of a
+key is held until it completes a match (block) or can no longer become one (release).
 
-Why it holds: events are released in order, and only once ``holdback`` characters of text
-follow them. A match ending in newly arrived text starts at most ``holdback`` characters
-before that text, so the window evaluated on each arrival sees it whole while none of its
-characters has been released yet. Rules that judge the whole text (``all``, ``not``,
-``max_tokens``) judge only that window.
+Why it holds: events are released in order, and an event only once all its text lies before
+the held suffix. A match that ends in newly arrived text was, before that text arrived, a
+beginning of a match at the end of the text, so none of it was released; and it starts at
+most ``window`` characters back, so the text evaluated on each arrival (``window`` characters
+before the new text, plus ``WINDOW_CONTEXT``) sees it whole. A rule of several parts reports
+every part's span: a part matched whole stays held while the others may still follow. Rules
+that judge the whole text (``not``, ``max_tokens``) judge only that window, and hold a fixed
+window instead.
 
 The stream text is what a client joins from event to event: the answer fields of each event's
 JSON data (``response_fields``), a JSON string data payload, or data that is not JSON. Everything
@@ -24,22 +30,16 @@ event enters the guard (``StreamGuard.side``); a block there ends the stream the
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
-import warnings
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gateway import jsonlib
 from gateway.json_texts import Texts, collect, join
 from gateway.policy import Action, Context, Decision, RuleSet, Span, Stage, Violation, evaluate
-from gateway.policy.ruleset import AllNode, AnyNode, ExceptNode, MaxTokensNode, Node, NotNode, ProbeNode
-
-# Python's own parser measures RE2 patterns; it has no typed stub (3.11's ``re._parser``).
-_sre_parser: Any = importlib.import_module("re._parser")
-_MAXREPEAT: int = importlib.import_module("re._constants").MAXREPEAT
+from gateway.policy.holdback import Holdback, plan_holdback
 
 # Characters evaluated before the earliest possible start of a new match, so that ``\b`` and
 # combining marks at the window's edge read as they do in the whole text.
@@ -180,45 +180,8 @@ def sse_texts(body: bytes, paths: Sequence[tuple[str, ...]]) -> Texts:
 
 
 def holdback_chars(ruleset: RuleSet, stage: Stage, cap: int) -> int:
-    """The longest match any enforced block rule of the stage can have, at most ``cap``."""
-    widths = [
-        _pattern_width(pattern, cap)
-        for compiled in ruleset.plan(stage).rules
-        if compiled.rule.effective_action is Action.BLOCK
-        for pattern in _patterns(compiled.node)
-    ]
-    return min(max(widths, default=0), cap)
-
-
-def _patterns(node: Node) -> Iterator[str]:
-    match node:
-        case ProbeNode(probe):
-            yield probe.regex.pattern
-        case AnyNode(parts):
-            for part in parts:
-                yield from _patterns(part)
-        case AllNode(parts, exceptions):
-            # An exception is judged on its whole match: the window must hold that too.
-            for part in (*parts, *exceptions):
-                yield from _patterns(part)
-        case NotNode(part) | ExceptNode(part):
-            yield from _patterns(part)
-        case MaxTokensNode():
-            return
-
-
-def _pattern_width(pattern: str, cap: int) -> int:
-    # RE2 reads ``x{,n}`` as literal text, Python as a repeat: the width would come out short.
-    if "{," in pattern:
-        return cap
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            width = int(_sre_parser.parse(pattern).getwidth()[1])
-    except (re.error, RecursionError, OverflowError):
-        # RE2-only syntax (``\pL``, ``\x{..}``, ``\z``): unknown, so assume the worst.
-        return cap
-    return cap if width >= _MAXREPEAT else min(width, cap)
+    """The longest match any enforced block rule of the stage can make, at most ``cap``."""
+    return plan_holdback(ruleset, stage, cap).window
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,17 +197,27 @@ class StreamStep:
 
 
 class StreamGuard:
-    """Holds events back until enough text follows them that no block match can span them."""
+    """Holds events back while their text could still be part of a block match, then releases them.
+
+    ``holdback`` is the rule set's ``Holdback`` (``plan_holdback``), or a number of characters
+    always held (a fixed window).
+    """
 
     def __init__(
-        self, ruleset: RuleSet, context: Context, *, holdback: int, stage: Stage = Stage.RESPONSE
+        self,
+        ruleset: RuleSet,
+        context: Context,
+        *,
+        holdback: Holdback | int,
+        stage: Stage = Stage.RESPONSE,
     ) -> None:
-        if holdback < 0:
-            raise ValueError("holdback must be >= 0")
-        self._ruleset, self._context, self._stage, self._holdback = ruleset, context, stage, holdback
+        plan = Holdback.fixed_window(holdback) if isinstance(holdback, int) else holdback
+        self._ruleset, self._context, self._stage, self._plan = ruleset, context, stage, plan
         self._end = 0  # length of the stream text so far
         self._tail, self._tail_start = "", 0  # the stream text from the next window's start
         self._held: deque[tuple[int, bytes]] = deque()  # (end of its text, event)
+        self._hold = 0  # where the held text begins: events ending at or before it may leave
+        self._released = 0  # end of the text of the last event released
         # Per rule, the end of the furthest span reported: a later window that sees that match
         # again, cut at the window's start or grown at its end, is the same match.
         self._reported: dict[str, int] = {}
@@ -252,33 +225,38 @@ class StreamGuard:
         self._clean_sides: set[str] = set()
         self._allowed = Decision(stage, Action.ALLOW, ruleset.revision)
 
+    @property
+    def held_chars(self) -> int:
+        """Characters of stream text received and not released yet."""
+        return self._end - self._released
+
     def feed(self, event: bytes, text: str) -> StreamStep:
         self._check_open()
         self._end += len(text)
         self._tail += text
         self._held.append((self._end, event))
-        violations: tuple[Violation, ...] = ()
-        if text:  # without new text no new match is possible
-            # The tail starts where a match ending in the new text may start, less the context.
-            start = self._tail_start
-            decision = evaluate(self._ruleset, self._stage, self._tail, self._context)
-            violations = self._fresh(decision, start)
-            shifted = tuple(_shift(v, start) for v in decision.violations) if decision.blocked else ()
-            # The matched texts, for the caller's fingerprints, before the tail forgets them.
-            matched = {
-                (span.start, span.end): self._tail[span.start - start : span.end - start]
-                for violation in (*violations, *shifted)
-                for span in violation.spans
-            }
-            keep = max(0, self._end - self._holdback - WINDOW_CONTEXT)
-            self._tail, self._tail_start = self._tail[keep - start :], keep
-            if decision.blocked:
-                self._closed = True
-                self._held.clear()
-                blocked = dataclasses.replace(decision, violations=shifted)
-                return StreamStep((), blocked, violations, matched)
-            return StreamStep(self._release(self._end - self._holdback), None, violations, matched)
-        return StreamStep(self._release(self._end - self._holdback), None, violations)
+        if not text:  # without new text no new match is possible, nor is more released
+            return StreamStep(self._release(self._hold))
+        # The tail starts where a match ending in the new text may start, less the context.
+        start = self._tail_start
+        decision = evaluate(self._ruleset, self._stage, self._tail, self._context)
+        violations = self._fresh(decision, start)
+        shifted = tuple(_shift(v, start) for v in decision.violations) if decision.blocked else ()
+        # The matched texts, for the caller's fingerprints, before the tail forgets them.
+        matched = {
+            (span.start, span.end): self._tail[span.start - start : span.end - start]
+            for violation in (*violations, *shifted)
+            for span in violation.spans
+        }
+        if decision.blocked:
+            self._closed = True
+            self._held.clear()
+            blocked = dataclasses.replace(decision, violations=shifted)
+            return StreamStep((), blocked, violations, matched)
+        self._hold = start + self._plan.start(self._tail)
+        keep = max(0, self._end - self._plan.window - WINDOW_CONTEXT)
+        self._tail, self._tail_start = self._tail[keep - start :], keep
+        return StreamStep(self._release(self._hold), None, violations, matched)
 
     def side(self, text: str) -> Decision:
         """Evaluate the side text of the next event, before ``feed`` takes the event.
@@ -313,7 +291,9 @@ class StreamGuard:
     def _release(self, upto: int) -> tuple[bytes, ...]:
         released: list[bytes] = []
         while self._held and self._held[0][0] <= upto:
-            released.append(self._held.popleft()[1])
+            end, event = self._held.popleft()
+            released.append(event)
+            self._released = end
         return tuple(released)
 
     def _fresh(self, decision: Decision, offset: int) -> tuple[Violation, ...]:

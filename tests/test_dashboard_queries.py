@@ -112,6 +112,8 @@ PANELS: dict[str, tuple[Expect, ...]] = {
     ),
     "Rule-set revision by instance": (Expect({}, "positive"),),
     "Rules by stage and action": (Expect({"stage": "prompt", "action": "block"}),),
+    "Stream hold-back p50 / p99 (characters)": (Expect({}, "finite"),),
+    "Stream first-byte delay p50 / p99": (Expect({}, "finite"),),
 }
 
 

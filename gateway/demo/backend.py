@@ -47,9 +47,9 @@ SECRET_ANSWER = (
 )
 STREAMED_ANSWER = (
     "This answer arrives a few words per event. The gateway reads every event before it lets it "
-    "go, and holds back the last 256 characters of text, so that a secret split across two events "
-    "is still caught whole. Held events leave as more text comes in, or when the stream ends: that "
-    "is why the first words showed up a moment late."
+    "go, and holds back only the end of the text that could still become a secret (a word cut in "
+    "two, or the start of a key), so that a secret split across two events is still caught whole. "
+    "Everything else leaves at once: these words reach you as the backend sends them."
 )
 WORDS_PER_EVENT = 4
 # A pause between events, so that a terminal shows the answer arriving; the answer is the same.

@@ -408,7 +408,8 @@ class _Lane:
 class _StreamForwarder:
     """One streamed answer: events evaluated in order, released once safe, or the stream ended.
 
-    An event stream is read one way, as UTF-8. Other streamed text is read in its declared
+    An event stream is read as UTF-8, by one guard (which reads its data raw as well once some
+    of it is not a JSON object: ``StreamGuard``). Other streamed text is read in its declared
     charset and, if that is not UTF-8, as UTF-8 too (and as a byte order mark at its start
     says): each reading has its own guard, and an event leaves once every reading let it go.
     """
@@ -494,6 +495,8 @@ class _StreamForwarder:
         for event in events:
             started = time.perf_counter()
             side: Texts | None = None
+            data: str | None = None  # an event's raw data, read too once some data is plain
+            plain = False
             if self.sse:
                 try:
                     read = read_event(event, state.field_paths)
@@ -501,6 +504,7 @@ class _StreamForwarder:
                     state.observer.fallback("answer", "too_deep")
                     return await self.end(error_body(_TOO_DEEP_EVENT, error_code=ANSWER_NOT_INSPECTABLE))
                 texts = [read.text]
+                data, plain = read.data, read.plain
                 side = read.side if read.side.text else None
                 if self.exchange is not None:
                     _note_streamed(
@@ -523,7 +527,7 @@ class _StreamForwarder:
                     return await self.end(block_body(decision))
             for lane, text in zip(self.lanes, texts, strict=True):
                 try:
-                    step = lane.guard.feed(event, text)
+                    step = lane.guard.feed(event, text, data=data, plain=plain)
                 except Exception as exc:
                     return await self.failed(exc)
                 self.observe(step)

@@ -25,6 +25,15 @@ JSON data (``response_fields``), a JSON string data payload, or data that is not
 else of an event (object keys and other values, comment, ``event:``, ``id:`` and other lines) is
 its side text: nothing joins it across events, so it is evaluated whole, on its own, before the
 event enters the guard (``StreamGuard.side``); a block there ends the stream the same way.
+
+A client may also read every data line as raw text. Once some data is not a JSON object (plain
+text, a number, a JSON string or list: ``EventTexts.plain``), the raw data of every event (its
+data lines joined with "\n", the SSE spec's join), joined from event to event, is a second reading
+held back and evaluated the same way, wherever it differs from the stream text: ``data: "x"``
+then ``data: AKIA…`` is ``xAKIA…`` decoded but a key read raw. An event leaves once neither
+reading holds it; a block in either ends the stream. Streams of JSON objects are read once: when
+plain data follows them, the raw reading starts with their raw data as context, already released
+(a match running from it into plain data blocks, but its first characters were sent).
 """
 
 from __future__ import annotations
@@ -104,6 +113,10 @@ class EventTexts:
     text: str
     side: Texts
     payload: Any = None  # the data, parsed, when it is JSON
+    # The data as raw text (its lines joined with "\n"), and whether it is plain: data that is not
+    # a JSON object (nor the closing ``[DONE]``), which a client may well read as raw text.
+    data: str = ""
+    plain: bool = False
 
 
 _NO_SIDE = Texts("", (), ())
@@ -139,18 +152,18 @@ def read_event(event: bytes, paths: Sequence[tuple[str, ...]]) -> EventTexts:
         return EventTexts("", side)
     joined = "\n".join(data)
     if joined == "[DONE]":
-        return EventTexts("", side)
+        return EventTexts("", side, None, joined)
     try:
         payload = jsonlib.loads(joined)
     except ValueError:
-        return EventTexts(joined, side)
+        return EventTexts(joined, side, None, joined, True)
     if isinstance(payload, str):
-        return EventTexts(payload, side, payload)
+        return EventTexts(payload, side, payload, joined, True)
     if not isinstance(payload, dict | list):
-        return EventTexts(joined, side, payload)
+        return EventTexts(joined, side, payload, joined, True)
     texts = collect(payload, fields=paths, apart=True, root="data")
     whole = join((side, texts)) if lines else texts
-    return EventTexts("".join(texts.fields), whole, payload)
+    return EventTexts("".join(texts.fields), whole, payload, joined, isinstance(payload, list))
 
 
 def _starts(pieces: list[str]) -> tuple[int, ...]:
@@ -167,7 +180,8 @@ def sse_event_text(event: bytes, paths: Sequence[tuple[str, ...]]) -> str:
 
 
 def sse_texts(body: bytes, paths: Sequence[tuple[str, ...]]) -> Texts:
-    """A whole event stream read at once: the stream text, then every event's side text.
+    """A whole event stream read at once: the stream text, the raw data when some data is plain
+    (see ``StreamGuard``) and reads otherwise, then every event's side text.
 
     ``Texts.fields`` holds each event's stream text. Raises ``json_texts.TooDeep``.
     """
@@ -175,7 +189,13 @@ def sse_texts(body: bytes, paths: Sequence[tuple[str, ...]]) -> Texts:
     events = [*splitter.feed(body), splitter.flush()]
     read = [read_event(event, paths) for event in events if event]
     stream = [texts.text for texts in read if texts.text]
-    whole = join((Texts("".join(stream), (0,), ("stream text",)), *(t.side for t in read if t.side.text)))
+    joined = "".join(stream)
+    parts = [Texts(joined, (0,), ("stream text",))]
+    if any(texts.plain for texts in read):
+        raw = "".join(texts.data for texts in read)
+        if raw != joined:
+            parts.append(Texts(raw, (0,), ("raw data",)))
+    whole = join((*parts, *(t.side for t in read if t.side.text)))
     return Texts(whole.text, whole.starts, whole.paths, tuple(stream))
 
 
@@ -190,10 +210,32 @@ class StreamStep:
 
     release: tuple[bytes, ...]
     blocked: Decision | None = None
-    # Log/alert violations first seen now, spans in offsets of the whole stream text.
+    # Log/alert violations first seen now, spans in offsets of the whole stream text (a block
+    # found in the raw data reading has its spans in offsets of that reading).
     violations: tuple[Violation, ...] = ()
     # (start, end) of each span above, and of the block's -> the text it matched.
     matched: Mapping[tuple[int, int], str] = dataclasses.field(default_factory=dict)
+
+
+class _Reading:
+    """One joined text of a stream as it grows: its length, the end still evaluated, where its
+    held text begins, and how far each rule's reported spans reach."""
+
+    __slots__ = ("end", "hold", "reported", "tail", "tail_start")
+
+    def __init__(self, before: str = "") -> None:
+        # ``before``: text already released that a new match may still begin in.
+        self.end = self.hold = len(before)
+        self.tail, self.tail_start = before, 0  # the text from the next window's start
+        # Per rule, the end of the furthest span reported: a later window that sees that match
+        # again, cut at the window's start or grown at its end, is the same match.
+        self.reported: dict[str, int] = {}
+
+    def copy(self) -> _Reading:
+        twin = _Reading()
+        twin.end, twin.hold, twin.tail, twin.tail_start = self.end, self.hold, self.tail, self.tail_start
+        twin.reported = dict(self.reported)
+        return twin
 
 
 class StreamGuard:
@@ -201,6 +243,15 @@ class StreamGuard:
 
     ``holdback`` is the rule set's ``Holdback`` (``plan_holdback``), or a number of characters
     always held (a fixed window).
+
+    An event stream is read twice once its data is not all JSON objects: as the stream text, and
+    as its raw data (what a client that reads every data line as text joins). ``feed`` takes the
+    event's ``data`` and whether it is ``plain`` (``read_event``); the raw reading starts at the
+    first plain data, and only where it differs from the stream text (so a plain-text stream is
+    read once until a data line parses as a JSON string, list or object). Started late, it is
+    evaluated from the raw data of the events before, which were released already. An event
+    leaves once neither reading holds it, and a block in either ends the stream. Only the stream
+    text reports log and alert matches: the raw reading mostly repeats it.
     """
 
     def __init__(
@@ -213,14 +264,15 @@ class StreamGuard:
     ) -> None:
         plan = Holdback.fixed_window(holdback) if isinstance(holdback, int) else holdback
         self._ruleset, self._context, self._stage, self._plan = ruleset, context, stage, plan
-        self._end = 0  # length of the stream text so far
-        self._tail, self._tail_start = "", 0  # the stream text from the next window's start
-        self._held: deque[tuple[int, bytes]] = deque()  # (end of its text, event)
-        self._hold = 0  # where the held text begins: events ending at or before it may leave
+        self._text = _Reading()  # the stream text
+        self._raw: _Reading | None = None  # the raw data, once read apart from the stream text
+        self._same = True  # the raw data so far is the stream text
+        self._plain = False  # some data was plain
+        # Before the raw reading starts apart: the last raw data, as much as a match may reach back.
+        self._before: deque[str] = deque()
+        self._before_chars = 0
+        self._held: deque[tuple[int, int, bytes]] = deque()  # (end of its text, of its raw data, event)
         self._released = 0  # end of the text of the last event released
-        # Per rule, the end of the furthest span reported: a later window that sees that match
-        # again, cut at the window's start or grown at its end, is the same match.
-        self._reported: dict[str, int] = {}
         self._closed = False
         self._clean_sides: set[str] = set()
         self._allowed = Decision(stage, Action.ALLOW, ruleset.revision)
@@ -228,35 +280,75 @@ class StreamGuard:
     @property
     def held_chars(self) -> int:
         """Characters of stream text received and not released yet."""
-        return self._end - self._released
+        return self._text.end - self._released
 
-    def feed(self, event: bytes, text: str) -> StreamStep:
+    def feed(self, event: bytes, text: str, *, data: str | None = None, plain: bool = False) -> StreamStep:
+        """Take the next event and its stream text; ``data`` is its raw data for an event stream."""
         self._check_open()
-        self._end += len(text)
-        self._tail += text
-        self._held.append((self._end, event))
-        if not text:  # without new text no new match is possible, nor is more released
-            return StreamStep(self._release(self._hold))
+        if data is not None and self._raw is None:
+            self._follow(text, data, plain)
+        step = self._read(self._text, text, report=True)
+        if self._raw is not None and (step is None or step.blocked is None):
+            raw = self._read(self._raw, data or "", report=False)
+            if raw is not None:
+                # The raw reading only blocks: the stream text reports what it found besides.
+                found = () if step is None else step.violations
+                matched = raw.matched if step is None else {**step.matched, **raw.matched}
+                step = dataclasses.replace(raw, violations=found, matched=matched)
+        if step is not None and step.blocked is not None:
+            self._closed = True
+            self._held.clear()
+            return step
+        reading = self._raw
+        self._held.append((self._text.end, 0 if reading is None else reading.end, event))
+        released = self._release(self._text.hold, 0 if reading is None else reading.hold)
+        return StreamStep(released) if step is None else dataclasses.replace(step, release=released)
+
+    def _follow(self, text: str, data: str, plain: bool) -> None:
+        """Start the raw reading when the stream's data is plain and reads apart from its text."""
+        self._plain = self._plain or plain
+        if self._same and data == text:
+            return
+        if self._plain:
+            if self._same:
+                # Until now the raw data was the stream text: it is read, and held, as that was.
+                self._raw = self._text.copy()
+                self._held = deque((end, end, event) for end, _, event in self._held)
+            else:
+                self._raw = _Reading("".join(self._before))
+                self._before.clear()
+            return
+        self._same = False
+        if data:
+            reach = self._plan.window + WINDOW_CONTEXT
+            self._before.append(data)
+            self._before_chars += len(data)
+            while self._before_chars - len(self._before[0]) >= reach:
+                self._before_chars -= len(self._before.popleft())
+
+    def _read(self, reading: _Reading, text: str, *, report: bool) -> StreamStep | None:
+        """Evaluate what ``text`` adds to ``reading``: a step with its block or violations, if any."""
+        if not text:  # without new text no new match is possible
+            return None
+        reading.end += len(text)
+        reading.tail += text
         # The tail starts where a match ending in the new text may start, less the context.
-        start = self._tail_start
-        decision = evaluate(self._ruleset, self._stage, self._tail, self._context)
-        violations = self._fresh(decision, start)
+        start = reading.tail_start
+        decision = evaluate(self._ruleset, self._stage, reading.tail, self._context)
+        violations = self._fresh(reading, decision, start) if report else ()
         shifted = tuple(_shift(v, start) for v in decision.violations) if decision.blocked else ()
         # The matched texts, for the caller's fingerprints, before the tail forgets them.
         matched = {
-            (span.start, span.end): self._tail[span.start - start : span.end - start]
+            (span.start, span.end): reading.tail[span.start - start : span.end - start]
             for violation in (*violations, *shifted)
             for span in violation.spans
         }
         if decision.blocked:
-            self._closed = True
-            self._held.clear()
-            blocked = dataclasses.replace(decision, violations=shifted)
-            return StreamStep((), blocked, violations, matched)
-        self._hold = start + self._plan.start(self._tail)
-        keep = max(0, self._end - self._plan.window - WINDOW_CONTEXT)
-        self._tail, self._tail_start = self._tail[keep - start :], keep
-        return StreamStep(self._release(self._hold), None, violations, matched)
+            return StreamStep((), dataclasses.replace(decision, violations=shifted), violations, matched)
+        reading.hold = start + self._plan.start(reading.tail)
+        keep = max(0, reading.end - self._plan.window - WINDOW_CONTEXT)
+        reading.tail, reading.tail_start = reading.tail[keep - start :], keep
+        return StreamStep((), None, violations, matched) if violations else None
 
     def side(self, text: str) -> Decision:
         """Evaluate the side text of the next event, before ``feed`` takes the event.
@@ -282,35 +374,36 @@ class StreamGuard:
         """Release every held event: all their text has already been evaluated."""
         self._check_open()
         self._closed = True
-        return StreamStep(self._release(self._end))
+        return StreamStep(self._release(self._text.end, 0 if self._raw is None else self._raw.end))
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the stream was blocked or finished; nothing more may pass")
 
-    def _release(self, upto: int) -> tuple[bytes, ...]:
+    def _release(self, upto: int, raw_upto: int) -> tuple[bytes, ...]:
         released: list[bytes] = []
-        while self._held and self._held[0][0] <= upto:
-            end, event = self._held.popleft()
+        while self._held and self._held[0][0] <= upto and self._held[0][1] <= raw_upto:
+            end, _, event = self._held.popleft()
             released.append(event)
             self._released = end
         return tuple(released)
 
-    def _fresh(self, decision: Decision, offset: int) -> tuple[Violation, ...]:
+    def _fresh(self, reading: _Reading, decision: Decision, offset: int) -> tuple[Violation, ...]:
         fresh: list[Violation] = []
+        reported = reading.reported
         for violation in decision.violations:
             if violation.effective_action is Action.BLOCK:
                 continue
             rule_id = violation.rule_id
             if not violation.spans:
-                if rule_id not in self._reported:
-                    self._reported[rule_id] = -1
+                if rule_id not in reported:
+                    reported[rule_id] = -1
                     fresh.append(violation)
                 continue
             shifted = _shift(violation, offset)
-            frontier = self._reported.get(rule_id, -1)
+            frontier = reported.get(rule_id, -1)
             new = tuple(s for s in shifted.spans if s.start >= frontier and s.end > frontier)
-            self._reported[rule_id] = max(frontier, *(s.end for s in shifted.spans))
+            reported[rule_id] = max(frontier, *(s.end for s in shifted.spans))
             if new:
                 fresh.append(dataclasses.replace(shifted, spans=new))
         return tuple(fresh)

@@ -34,7 +34,9 @@ GHP = "ghp_Xq2dM4tVn8Lk1RbZ7yW3cPf6HsJ0aEo9Gu5T"
 ESCAPED_GHP = "\\u0067hp_Xq2dM4tVn8Lk1RbZ7yW3cPf6HsJ0aEo9Gu5T"
 CARD = 4111111111111111
 # No piece of a canary, in any reading of the bytes the client got.
-FRAGMENTS = ("AKIAIOSF", "IOSFODNN7EXAMPLE", "ghp_Xq2d", "Vn8Lk1RbZ7yW3cPf6HsJ0aEo9Gu5T", str(CARD))
+FRAGMENTS = ("AKIA", "IOSFODNN7EXAMPLE", "ghp_Xq2d", "Vn8Lk1RbZ7yW3cPf6HsJ0aEo9Gu5T", str(CARD))
+# A key of [A-Z2-7] that plain-text data can spell with JSON numbers.
+DIGIT_KEY = "AKIA" + "234567" * 2 + "2345"
 
 POLICIES = r"""
 policies:
@@ -105,6 +107,11 @@ def nested(depth: int, value: Any) -> Any:
 
 def listing(*messages: Any, **extra: Any) -> bytes:
     return js({"success": True, "messages": list(messages), **extra})
+
+
+def plain(*lines: str) -> tuple[bytes, ...]:
+    """A plain-text event stream: each line is the raw data of its own event."""
+    return tuple(f"data: {line}\n\n".encode() for line in lines)
 
 
 def text(charset: str, kind: str = "text/plain") -> tuple[tuple[str, str], ...]:
@@ -261,6 +268,26 @@ STREAMS = [
     row("prompt",
         Answer(headers=SSE, chunks=(delta("the key "), delta(KEY[:9]), delta(KEY[9:]), delta(" end"))),
         STREAM_BLOCKED, "a key split across two OpenAI deltas is still blocked"),
+    # Plain-text data that happens to parse as JSON: a client reading each data line raw joins
+    # its raw text, one that JSON-decodes lines joins the decoded string; either reading blocks.
+    row("prompt", Answer(headers=SSE, chunks=plain('"in"', KEY[:8], KEY[8:], " and more")), STREAM_BLOCKED,
+        "a key after a JSON string line of plain-text data is blocked as raw lines read it"),
+    row("prompt", Answer(headers=SSE, chunks=plain('"x"', "AKIA", "234567", "234567", "2345", " end")),
+        STREAM_BLOCKED, "a key spelled with JSON number lines of plain-text data is blocked"),
+    row("prompt", Answer(headers=SSE, chunks=plain('"n"', KEY[:13], "234567", "2", " end")), STREAM_BLOCKED,
+        "a key ending in JSON number lines after a JSON string line is blocked"),
+    row("prompt", Answer(headers=SSE, chunks=plain("null", '"x"', KEY[:8], KEY[8:])), STREAM_BLOCKED,
+        "a key after null and a JSON string line is blocked"),
+    row("prompt", Answer(headers=SSE, chunks=plain("true", "[]", KEY[:8], KEY[8:13], KEY[13:])),
+        STREAM_BLOCKED, "a key after true and an empty list line is blocked"),
+    row("prompt", Answer(headers=SSE, chunks=plain("x", '[1, "two"]', KEY[:4], KEY[4:13], KEY[13:])),
+        STREAM_BLOCKED, "a key after a JSON list line of plain-text data is blocked"),
+    row("prompt", Answer(headers=SSE, chunks=plain("x", '{"n": 1}', KEY[:8], KEY[8:])), STREAM_BLOCKED,
+        "a key after a JSON object line of plain-text data is blocked"),
+    row("prompt", Answer(headers=SSE, chunks=plain("ok", "[2]", DIGIT_KEY[:4], "234567", "234567", "2345")),
+        STREAM_BLOCKED, "a key of number lines after a list line is blocked"),
+    row("prompt", Answer(headers=SSE, chunks=plain(KEY[:8], f'"{KEY[8:]}"', " end")), STREAM_BLOCKED,
+        "a key completed by a JSON string line is blocked as JSON-decoding clients read it"),
     row("prompt", Answer(headers=(("Content-Type", "text/event-stream; charset=utf-16le"),),
                          chunks=(f"data: {KEY}\n\n".encode("utf-16-le"),)),
         REFUSED, "an event stream in a charset other than UTF-8 is refused"),
@@ -413,7 +440,26 @@ def readings(raw: bytes) -> list[str]:
         for shift in range(width):
             texts.append(raw[shift:].decode(codec, errors="ignore"))
     texts.append(raw.decode("utf-7", errors="ignore"))
-    return texts + [_unescape(text) for text in texts]
+    return texts + [_unescape(text) for text in texts] + data_readings(raw)
+
+
+def data_readings(raw: bytes) -> list[str]:
+    """An event stream's data joined from event to event, as clients join it: every data line
+    raw (lines of one event joined with a newline), or each JSON string data decoded."""
+    events = re.split(r"\r\n\r\n|\n\n|\r\r", raw.decode("utf-8", errors="ignore"))
+    lines = [
+        [line[5:].removeprefix(" ") for line in re.split(r"\r\n|\n|\r", event) if line.startswith("data:")]
+        for event in events
+    ]
+    data = ["\n".join(event) for event in lines if event]
+    decoded = []
+    for value in data:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        decoded.append(parsed if isinstance(parsed, str) else value)
+    return ["".join(data), "".join(decoded)]
 
 
 def leaked(raw: bytes) -> list[str]:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from gateway import streaming
 from gateway.flashback import DEFAULT_RESPONSE_FIELDS, parse_field_path
 from gateway.policy import Action, Context, RuleSet, Span, Stage, Violation, compile_ruleset, load_ruleset
+from gateway.policy.holdback import plan_holdback
 from gateway.streaming import (
     EventTooLarge,
     SSESplitter,
@@ -614,3 +615,118 @@ def test_a_key_in_any_line_of_an_event_is_never_released(
             break
     assert blocked
     assert b"IOSFODNN7EXAMPLE" not in b"".join(sent)
+
+
+# The raw reading: plain-text data that parses as JSON is joined as a client reading raw lines joins it.
+
+
+def _plain(*lines: str) -> list[bytes]:
+    return [f"data: {line}\n\n".encode() for line in lines]
+
+
+def _guarded(guard: StreamGuard, events: list[bytes]) -> tuple[list[bytes], StreamStep | None]:
+    """The events released, and the blocking step if one ended the stream."""
+    sent: list[bytes] = []
+    for event in events:
+        read = read_event(event, FIELDS)
+        step = guard.feed(event, read.text, data=read.data, plain=read.plain)
+        sent += step.release
+        if step.blocked is not None:
+            return sent, step
+    return sent + list(guard.finish().release), None
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        pytest.param(_plain('"in"', KEY[:8], KEY[8:], " more"), id="after a JSON string"),
+        pytest.param(_plain('"x"', "AKIA", "234567", "234567", "2345", " end"), id="of JSON numbers"),
+        pytest.param(_plain("null", '"x"', KEY[:8], KEY[8:]), id="after null and a JSON string"),
+        pytest.param(_plain("true", "[]", KEY[:8], KEY[8:13], KEY[13:]), id="after true and a list"),
+        pytest.param(_plain("x", '[1, "two"]', KEY[:4], KEY[4:13], KEY[13:]), id="after a list"),
+        pytest.param(_plain("x", '{"n": 1}', KEY[:8], KEY[8:]), id="after an object"),
+        pytest.param(_plain(KEY[:8], f'"{KEY[8:]}"', " end"), id="completed by a JSON string"),
+        pytest.param([_delta("a"), *_plain('"x"', KEY[:8], KEY[8:])], id="after JSON objects"),
+    ],
+)  # fmt: skip
+def test_a_key_in_plain_data_is_blocked_in_either_reading(
+    ruleset: RuleSet, holdback: int, events: list[bytes]
+) -> None:
+    """Split across plain-text data lines that parse as JSON, a key read as raw lines join it, or
+    as JSON-decoding clients join it, blocks before any line from its first piece on is sent."""
+    sent, blocked = _guarded(_guard(ruleset, holdback), events)
+    assert blocked is not None
+    assert b"AKIA" not in b"".join(sent)
+
+
+def test_a_match_may_begin_in_raw_data_released_before_the_raw_reading_started(tmp_path: Path) -> None:
+    """Data read apart from the stream text before any plain data (JSON objects) is read raw
+    once plain data comes: a match running from it into plain data blocks."""
+    rules = _ruleset(tmp_path, "policies:\n" + _rule("t.s", "block", r"{regex: 'secret\W+[0-9]{6}\b'}"))
+    guard = StreamGuard(rules, Context(), holdback=plan_holdback(rules, Stage.RESPONSE, 100))
+    events = [_delta("fine"), b'data: {"note": "secret"}\n\n', *_plain("123456")]
+    assert _guarded(guard, events)[1] is not None
+
+
+def _evaluated(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    real = streaming.evaluate
+
+    def counting(*args: object) -> object:
+        calls.append(str(args[2]))
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(streaming, "evaluate", counting)
+    return calls
+
+
+def test_an_object_stream_is_read_once(
+    ruleset: RuleSet, holdback: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JSON-object events (OpenAI, Anthropic) are not read raw: one evaluation per event's text."""
+    calls = _evaluated(monkeypatch)
+    events = [_delta(word) for word in ("hello", " world", "", " again")] + [b"data: [DONE]\n\n"]
+    sent, blocked = _guarded(_guard(ruleset, holdback), events)
+    assert (b"".join(sent), blocked) == (b"".join(events), None)
+    assert len(calls) == 3
+
+
+def test_plain_text_data_is_read_twice_only_once_it_reads_apart(
+    ruleset: RuleSet, holdback: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain data that is not JSON, or a JSON number, is the stream text itself: read once. From
+    a data line that parses as a JSON string, list or object on, the raw data is read as well."""
+    calls = _evaluated(monkeypatch)
+    sent, _ = _guarded(_guard(ruleset, holdback), _plain("hello", " world", "42"))
+    assert len(calls) == 3
+    calls.clear()
+    sent, blocked = _guarded(_guard(ruleset, holdback), _plain("hello", '"x"', " y"))
+    assert blocked is None
+    assert len(sent) == 3
+    assert calls == ["hello", "hellox", 'hello"x"', "hellox y", 'hello"x" y']
+
+
+@pytest.mark.parametrize(
+    ("event", "data", "plain"),
+    [
+        pytest.param(b"data: words\n\n", "words", True, id="data that is not JSON"),
+        pytest.param(b"data: 42\n\n", "42", True, id="a JSON number"),
+        pytest.param(b'data: "a"\n\n', '"a"', True, id="a JSON string"),
+        pytest.param(b"data: [1]\n\n", "[1]", True, id="a JSON list"),
+        pytest.param(b'data: {"a":\ndata: 1}\n\n', '{"a":\n1}', False, id="a JSON object"),
+        pytest.param(b"data: [DONE]\n\n", "[DONE]", False, id="the DONE marker"),
+        pytest.param(b": only a comment\n\n", "", False, id="no data"),
+    ],
+)
+def test_read_event_data(event: bytes, data: str, plain: bool) -> None:
+    """An event's raw data, and whether it is plain (what may start the raw reading)."""
+    read = read_event(event, FIELDS)
+    assert (read.data, read.plain) == (data, plain)
+
+
+def test_a_whole_event_stream_reads_its_plain_data_raw_too() -> None:
+    """Read at once, a stream whose data is plain and reads apart is read as raw data as well."""
+    texts = sse_texts(b'data: "x"\n\ndata: ' + KEY.encode() + b"\n\n", DELTA)
+    assert texts.text.split("\n")[:2] == ["x" + KEY, '"x"' + KEY]
+    assert sse_texts(b"data: a\n\ndata: b\n\n", DELTA).text == "ab"
+    assert "raw data" not in sse_texts(_delta("a") + b"data: [DONE]\n\n", DELTA).paths

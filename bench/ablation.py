@@ -48,8 +48,9 @@ def switch_off(parts: set[str]) -> None:
     if "bookkeeping" in parts:
         gateway.app.completed = lambda finished: None  # type: ignore[assignment]
     if "decisions" in parts:
-        gateway.routes.decide = gateway.answers.decide = (  # type: ignore[assignment]
-            lambda request, stage, text, context: Decision(stage, Action.ALLOW, "ablation")
+        # Every decision on a whole text goes through decide_with (answers' decide too).
+        gateway.routes.decide_with = gateway.answers.decide_with = (  # type: ignore[assignment]
+            lambda state, info, stage, text, context, where=None: Decision(stage, Action.ALLOW, "ablation")
         )
     if "usage" in parts:
 

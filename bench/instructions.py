@@ -58,8 +58,10 @@ def count(target: str, upstream: str, redis_url: str, script: Path, seconds: flo
         subprocess.run(["callgrind_control", "-i", "on", str(process.pid)], capture_output=True, check=True)
         requests = load.run_wrk(script, measured, 32, 1, seconds)["requests"]
         subprocess.run(["callgrind_control", "-i", "off", str(process.pid)], capture_output=True, check=True)
+        # The counts written now, not only as the process exits: a target still busy with the
+        # queue valgrind left it may not exit in time, and a killed one writes nothing.
+        subprocess.run(["callgrind_control", "-d", str(process.pid)], capture_output=True, check=True)
     finally:
-        # Callgrind writes its counts as the process exits, which takes a while.
         load.stop([process], timeout=300)
     totals = [
         int(line.split()[1])

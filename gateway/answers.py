@@ -23,9 +23,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.helpers import parse_content_type  # what ClientResponse.content_type reads with
 
 from gateway import jsonlib
-from gateway.audit import RequestInfo
+from gateway.audit import INFO, RequestInfo
 from gateway.flashback import (
     ANSWER_NOT_INSPECTABLE,
     EVALUATION_FAILED,
@@ -58,9 +59,6 @@ from gateway.usage.accounting import Exchange
 log = logging.getLogger("gateway.answers")
 
 
-# The request's audit context (set by the routes' middleware).
-INFO = web.RequestKey("info", RequestInfo)
-
 FieldPaths = Sequence[tuple[str, ...]]
 
 
@@ -89,10 +87,19 @@ class NotInspectable(Exception):
         self.message = message
 
 
+def _info(request: web.Request) -> RequestInfo:
+    try:
+        return request[INFO]
+    except KeyError:  # a handler called without the routes' middleware (tests)
+        return RequestInfo()
+
+
 def judge(request: web.Request, stage: Stage, text: str, context: Context) -> Decision:
     """Evaluate, failing closed (``EvaluationFailed``) when the engine raises; nothing is reported."""
-    state = request.app[STATE]
-    info = request.get(INFO) or RequestInfo()
+    return _judge(request.app[STATE], _info(request), stage, text, context)
+
+
+def _judge(state: GatewayState, info: RequestInfo, stage: Stage, text: str, context: Context) -> Decision:
     started = time.perf_counter()
     try:
         decision = evaluate(state.ruleset, stage, text, context)
@@ -114,19 +121,37 @@ def decide(
 
     ``where`` names the place in the message (a JSON path) of an offset of ``text``.
     """
-    decision = judge(request, stage, text, context)
-    _report(request, decision, text, where)
+    return decide_with(request.app[STATE], _info(request), stage, text, context, where)
+
+
+def decide_with(
+    state: GatewayState,
+    info: RequestInfo,
+    stage: Stage,
+    text: str,
+    context: Context,
+    where: Where | None = None,
+) -> Decision:
+    """``decide``, with the state and the request's info the caller looked up (once, not in
+    each step: every request is decided twice)."""
+    decision = _judge(state, info, stage, text, context)
+    _report(state, info, decision, text, where)
     return decision
 
 
-def _report(request: web.Request, decision: Decision, text: str, where: Where | None) -> None:
-    info = request.get(INFO) or RequestInfo()
-    request.app[STATE].observer.decision(decision, info, lambda start, end: text[start:end], where)
+def _report(
+    state: GatewayState, info: RequestInfo, decision: Decision, text: str, where: Where | None
+) -> None:
+    state.observer.decision(decision, info, lambda start, end: text[start:end], where)
     _note_action(info, decision.action)
 
 
+# Action by label, for the strongest action of a request (an enum lookup by name is a Python call).
+_ACTIONS = {action.label: action for action in Action}
+
+
 def _note_action(info: RequestInfo, action: Action) -> None:
-    if action > Action[info.decision.upper()]:
+    if action > _ACTIONS[info.decision]:
         info.decision = action.label
 
 
@@ -159,20 +184,28 @@ class AnswerPlan:
 def plan_answer(upstream: aiohttp.ClientResponse) -> AnswerPlan:
     """The plan for an answer, from its status and headers; ``NotInspectable`` if there is none."""
     headers = upstream.headers
-    encodings = {
-        token.strip().lower()
-        for value in headers.getall("Content-Encoding", ())
-        for token in value.split(",")
-    }
+    # Worked out once per combination of the headers that decide it: answers of one backend
+    # come with the same few. (What raises is not remembered, and is worked out each time.)
+    return _plan(
+        tuple(headers.getall("Content-Encoding", ())),
+        tuple(headers.getall("Content-Type", ())),
+        upstream.status < 400,
+        "Content-Length" in headers,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(encoded: tuple[str, ...], kinds: tuple[str, ...], answered: bool, has_length: bool) -> AnswerPlan:
+    encodings = {token.strip().lower() for value in encoded for token in value.split(",")}
     if encodings - {"identity", ""}:
         raise NotInspectable("encoded", "Upstream answer is encoded and cannot be inspected")
-    kinds = headers.getall("Content-Type", ())
     if len(kinds) > 1:
         raise NotInspectable("content_type", "Upstream answer has several content types")
     codec = declared_codec(kinds[0]) if kinds else None
-    kind = upstream.content_type
+    # As aiohttp's ClientResponse.content_type reads it.
+    kind = parse_content_type(kinds[0])[0] if kinds else "application/octet-stream"
     sse = kind == "text/event-stream"
-    stream = upstream.status < 400 and (sse or (kind.startswith("text/") and upstream.content_length is None))
+    stream = answered and (sse or (kind.startswith("text/") and not has_length))
     # An event stream is cut into events on its bytes: only an ASCII-compatible charset keeps
     # them, and a client reads an event stream as UTF-8 whatever it declares.
     if sse and codec not in (None, "utf-8"):
@@ -211,6 +244,8 @@ _ORDER_MARKS = (
     (b"\xff\xfe", "utf-16"),
     (b"\xfe\xff", "utf-16"),
 )
+# The first bytes of those marks: an answer that starts with none of them has no mark.
+_MARK_STARTS = frozenset(mark[:1] for mark, _ in _ORDER_MARKS)
 # RFC 4627 §3: JSON's encoding from the pattern of zero bytes in its first four.
 _ZERO_PATTERNS = {
     (True, True, True, False): "utf-32-be",
@@ -222,6 +257,8 @@ _ZERO_PATTERNS = {
 
 def readings(raw: bytes, declared: str | None) -> list[str]:
     """The codecs a client may read ``raw`` in: the declared one first, then UTF-8, then a guess."""
+    if (declared is None or declared == "utf-8") and raw[:1] not in _MARK_STARTS and 0 not in raw[:4]:
+        return ["utf-8"]  # most answers: no byte order mark, no zero byte to guess from
     found = [declared or "utf-8", "utf-8"]
     head = raw[:4]
     for mark, codec in _ORDER_MARKS:
@@ -346,9 +383,15 @@ async def inspect_answer(
     upstream: aiohttp.ClientResponse,
     context: Context,
     exchange: Exchange | None = None,
+    *,
+    state: GatewayState | None = None,
+    info: RequestInfo | None = None,
 ) -> web.StreamResponse:
-    """The prompt's answer (or any intercepted answer): evaluated whole, or as it streams."""
-    state = request.app[STATE]
+    """The prompt's answer (or any intercepted answer): evaluated whole, or as it streams.
+
+    ``state`` and ``info``, where the caller has them, save looking them up again."""
+    if state is None:
+        state = request.app[STATE]
     if exchange is not None:
         # Decides whether the exchange is counted: only what the backend served costs a budget.
         exchange.upstream_status = upstream.status
@@ -366,7 +409,8 @@ async def inspect_answer(
         exchange.response_texts = list(inspected.fields)
         exchange.note_reported(inspected.payload)
     texts = inspected.texts
-    decision = decide(request, Stage.RESPONSE, texts.text, context, texts.path_at)
+    info = info if info is not None else _info(request)
+    decision = decide_with(state, info, Stage.RESPONSE, texts.text, context, texts.path_at)
     if decision.blocked:
         return json_response(403, block_body(decision))
     return _release(upstream, raw)

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from gateway.alerts import AlertDispatcher, AlertEvent
-from gateway.audit import AuditFile, RequestInfo, events, violation_event
+from gateway.audit import AuditFile, EventLog, RequestInfo, events, violation_event
 from gateway.ids import new_id
 from gateway.metrics import Metrics
 from gateway.policy import Action, Decision, Mode, RuleSet, Stage, Violation
@@ -50,7 +50,8 @@ class Observer:
     def decision(
         self, decision: Decision, info: RequestInfo, matched: Matched, where: Where | None = None
     ) -> None:
-        self.metrics.count(self.metrics.decisions, (decision.stage.value, decision.action.label))
+        metrics = self.metrics
+        metrics.count(metrics.decisions, _DECISION_LABELS[decision.stage._value_, decision.action])
         if decision.violations:
             self.violations(decision, decision.violations, info, matched, where)
 
@@ -107,7 +108,18 @@ class Observer:
         metrics.count(metrics.tokens, ("response", record.source, *workspace), record.response_tokens)
 
     def request_completed(self, fields: dict[str, Any]) -> None:
-        events().info("request.completed", **fields)
+        log = events()
+        if isinstance(log, EventLog):
+            log.event("request.completed", fields)  # no copy of the fields into keywords and back
+        else:
+            log.info("request.completed", **fields)
+
+
+# The decisions counter's labels, by the stage's value and the action: Stage hashes (and
+# .value reads) in Python, and each request is decided twice.
+_DECISION_LABELS = {
+    (stage._value_, action): (stage.value, action.label) for stage in Stage for action in Action
+}
 
 
 def _now() -> str:

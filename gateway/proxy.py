@@ -11,9 +11,11 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.audit import INFO
+from gateway.config import Settings
 from gateway.flashback import UPSTREAM_TIMEOUT, UPSTREAM_UNREACHABLE, error_body
 from gateway.request_body import InspectedRequest
-from gateway.state import STATE
+from gateway.state import STATE, GatewayState
 from gateway.target import TARGET
 
 log = logging.getLogger("gateway.proxy")
@@ -42,9 +44,6 @@ CHUNK = 64 << 10
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 # The error code of an answer the upstream began and broke off.
 UPSTREAM_ERROR = "UPSTREAM_ERROR"
-# The status metrics and request.completed record when it is not the status sent: an answer
-# broken off after its status line went out is the upstream's failure, whatever that line said.
-RECORDED_STATUS = web.RequestKey("recorded_status", int)
 
 
 # The fixed part of what each direction drops, built once rather than on every request.
@@ -74,8 +73,13 @@ def upstream_url(request: web.Request, upstream: str) -> URL:
 
     Nothing is re-encoded on the way: the backend routes on the same characters the gateway did.
     """
-    target = request[TARGET]  # set by dispatch before anything is forwarded
-    return URL(_upstream(upstream)[0] + target.forward, encoded=True)
+    return _upstream_url(upstream, request[TARGET].forward)  # TARGET: set by dispatch
+
+
+@functools.lru_cache(maxsize=1024)
+def _upstream_url(upstream: str, forward: str) -> URL:
+    # The same few targets on every request; a URL is immutable, and costs microseconds to build.
+    return URL(_upstream(upstream)[0] + forward, encoded=True)
 
 
 def upstream_headers(
@@ -84,6 +88,7 @@ def upstream_headers(
     *,
     inspect: bool = False,
     body: InspectedRequest | None = None,
+    settings: Settings | None = None,
 ) -> CIMultiDict[str]:
     source = request.headers
     dropped = _dropped(source, _TO_UPSTREAM_INSPECTED if inspect else _TO_UPSTREAM)
@@ -105,7 +110,8 @@ def upstream_headers(
     headers["Host"] = _upstream(upstream)[1]
     # SECURITY: the origin header tells the backend a request came through the gateway; a
     # client's copy never passes, and every forwarded request carries the gateway's own.
-    settings = request.app[STATE].settings
+    if settings is None:
+        settings = request.app[STATE].settings
     headers.popall(settings.origin_header, None)
     if settings.origin_secret is not None:
         headers[settings.origin_header] = settings.origin_secret
@@ -134,7 +140,11 @@ def answer_cut_short(request: web.Request, exc: BaseException) -> bytes:
     """The upstream failed after the client had the status line: counted and logged as
     ``upstream_failure`` does, recorded with its status; the error body, for the stream's end."""
     status, body = _failure(request, exc, answering=True)
-    request[RECORDED_STATUS] = status
+    # The status metrics and request.completed record when it is not the status sent: an answer
+    # broken off after its status line went out is the upstream's failure, whatever it said.
+    info = request.get(INFO)
+    if info is not None:
+        info.recorded_status = status
     return body
 
 
@@ -200,14 +210,17 @@ async def call_upstream(
     data: bytes | aiohttp.StreamReader | None,
     inspect: bool,
     body: InspectedRequest | None = None,
+    state: GatewayState | None = None,
 ) -> aiohttp.ClientResponse:
     """Send the request on to the same path upstream; raises one of ``UPSTREAM_ERRORS``."""
-    state = request.app[STATE]
-    upstream = state.settings.upstream
+    if state is None:
+        state = request.app[STATE]
+    settings = state.settings
+    upstream = settings.upstream
     return await state.session.request(
         request.method.upper(),
         upstream_url(request, upstream),
-        headers=upstream_headers(request, upstream, inspect=inspect, body=body),
+        headers=upstream_headers(request, upstream, inspect=inspect, body=body, settings=settings),
         data=data,
         allow_redirects=False,
     )

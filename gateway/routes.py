@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -15,20 +14,18 @@ from aiohttp import web
 
 from gateway import jsonlib
 from gateway.answers import (
-    INFO,
     AnswerTooLarge,
     EvaluationFailed,
-    decide,
+    decide_with,
     inspect_answer,
     read_bounded,
     withhold_messages,
 )
-from gateway.audit import RequestInfo, user_id
+from gateway.audit import INFO, RequestInfo, user_id
 from gateway.batches import AfterAnswers
 from gateway.flashback import BODY_TOO_LARGE, EVALUATION_FAILED, QUOTA_EXCEEDED, block_body, error_body
 from gateway.policy import Context, Stage
 from gateway.proxy import (
-    RECORDED_STATUS,
     UPSTREAM_ERRORS,
     call_upstream,
     json_response,
@@ -37,8 +34,8 @@ from gateway.proxy import (
 )
 from gateway.redaction import REDACTOR
 from gateway.request_body import InspectedRequest, read_body
-from gateway.state import STATE
-from gateway.target import TARGET, Refusal, classify
+from gateway.state import STATE, GatewayState
+from gateway.target import TARGET, Refusal, Target, classify
 from gateway.usage.accounting import Exchange
 from gateway.usage.quota import Verdict
 from gateway.usage.workspaces import UNRESOLVED, PageFetcher, Placement, Resolution
@@ -54,13 +51,15 @@ def refused(refusal: Refusal) -> web.Response:
 _LEARN_LIMIT = 1 << 20
 
 
-EXCHANGE = web.RequestKey("exchange", Exchange)
 AFTER_ANSWERS = web.AppKey("after_answers", AfterAnswers[Any])
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def info_of(request: web.Request) -> RequestInfo:
-    return request.get(INFO) or RequestInfo()
+    try:
+        return request[INFO]
+    except KeyError:  # a handler called without the middleware (tests)
+        return RequestInfo()
 
 
 # nginx's status for a client that closed its connection before it had its answer: a 4xx of
@@ -76,11 +75,13 @@ def client_gone(request: web.Request) -> bool:
 @web.middleware
 async def observe_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Times every request, counts it, and logs one ``request.completed`` event for it."""
-    info = RequestInfo(user_id=user_id(request.headers.get("Authorization")))
-    incoming = request.headers.get("X-Request-Id", "")
+    headers = request.headers
+    authorization = headers.get("Authorization")
+    info = RequestInfo(user_id=user_id(authorization) if authorization else None)
+    incoming = headers.get("X-Request-Id")
     # SECURITY: a client's id is taken only if no block rule catches it; the redactor then
     # leaves requestId alone, instead of scanning a new value on every event of every request.
-    if 0 < len(incoming) <= 128 and incoming.isprintable() and not REDACTOR.sensitive(incoming):
+    if incoming and len(incoming) <= 128 and incoming.isprintable() and not REDACTOR.sensitive(incoming):
         info.request_id = incoming
     request[INFO] = info
     status = 500
@@ -101,7 +102,8 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
         # Never sent: aiohttp finds the connection closing, and lets it go without a log line.
         return web.Response(status=CLIENT_CLOSED_REQUEST)
     finally:
-        status = request.get(RECORDED_STATUS, status)
+        if info.recorded_status is not None:
+            status = info.recorded_status
         elapsed = time.perf_counter() - info.started
         # Once this task has handed the answer to the socket: the client does not wait for it.
         request.app[AFTER_ANSWERS].add((request, info, status, elapsed))
@@ -110,22 +112,36 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
 Finished = tuple[web.Request, RequestInfo, int, float]
 
 
+class _Pid:
+    """This process's id, read once (a system call each time otherwise), again in a fork."""
+
+    value = os.getpid()
+
+    @classmethod
+    def reread(cls) -> None:
+        cls.value = os.getpid()
+
+
+os.register_at_fork(after_in_child=_Pid.reread)
+
+
 def completed(finished: Finished) -> None:
     """A finished request's metrics and ``request.completed`` line (after usage, if any)."""
     request, info, status, elapsed = finished
     state = request.app[STATE]
     metrics = state.observer.metrics
-    metrics.count(metrics.requests, (info.route, str(status)))
-    metrics.child(metrics.request_duration, info.route).observe(elapsed)
+    route = info.route
+    metrics.count(metrics.requests, (route, str(status)))
+    metrics.child(metrics.request_duration, route).observe(elapsed)
     if info.prompt_own is not None:
         metrics.child(metrics.overhead, "prompt").observe(info.prompt_own)
-    if info.route in {"prompt", "messages"} and status != 400:
+    if route in {"prompt", "messages"} and status != 400:
         metrics.child(metrics.overhead, "response").observe(info.response_own)
     completed = {
         "requestId": info.request_id,
-        "pid": os.getpid(),
+        "pid": _Pid.value,
         "method": request.method,
-        "route": info.route,
+        "route": route,
         "status": status,
         "decision": info.decision,
         "conversationId": info.conversation_id,
@@ -135,16 +151,35 @@ def completed(finished: Finished) -> None:
         "upstreamMs": None if info.upstream_seconds is None else round(info.upstream_seconds * 1000, 3),
         "tokens": None,
     }
-    exchange = request.get(EXCHANGE)
+    exchange = info.exchange
     if exchange is not None:
         state.accountant.settle(exchange, completed)
     else:
         state.observer.request_completed(completed)
 
 
+# Targets as classify reads them, by method and target: the same few recur on every request.
+# Bounded (clients choose them), and emptied when full; long targets are not kept.
+_TARGETS: dict[tuple[str, str], Target | Refusal] = {}
+_TARGETS_LIMIT = 4096
+_TARGET_LENGTH = 256
+
+
+def _classify(method: str, raw_target: str) -> Target | Refusal:
+    key = (method, raw_target)
+    target = _TARGETS.get(key)
+    if target is None:
+        target = classify(method, raw_target)
+        if len(raw_target) <= _TARGET_LENGTH:
+            if len(_TARGETS) >= _TARGETS_LIMIT:
+                _TARGETS.clear()
+            _TARGETS[key] = target
+    return target
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     info = info_of(request)
-    target = classify(request.method, request.raw_path)
+    target = _classify(request.method, request.raw_path)
     if isinstance(target, Refusal):
         return refused(target)
     # SECURITY: from here on the upstream request line is built from this reading only.
@@ -158,7 +193,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     info.route, info.conversation_id = target.route, conversation_id
     try:
         if target.route == "prompt":
-            return await prompt(request, conversation_id)
+            return await prompt(request, conversation_id, request.app[STATE], info)
         return await messages(request, conversation_id)
     except EvaluationFailed:
         return json_response(
@@ -230,24 +265,42 @@ def _page_fetcher(request: web.Request) -> PageFetcher | None:
 
 async def resolve(request: web.Request, conversation_id: str) -> Resolution:
     state = request.app[STATE]
-    try:
-        resolution = await state.resolver.resolve(request.headers, conversation_id, _page_fetcher(request))
-    except (*UPSTREAM_ERRORS, ValueError, AnswerTooLarge) as exc:
-        state.observer.fallback("workspace", "lookup_failed")
-        log.warning("workspace lookup failed: %s", type(exc).__name__)
-        resolution = Resolution(Placement(UNRESOLVED), "unresolved")
+    resolver = state.resolver
+    headers = request.headers
+    # Without a lookup to make (most requests), no coroutine to run.
+    resolution = resolver.settled(headers, conversation_id, can_look_up=bool(headers.get("Authorization")))
+    if resolution is None:
+        try:
+            resolution = await resolver.resolve(headers, conversation_id, _page_fetcher(request))
+        except (*UPSTREAM_ERRORS, ValueError, AnswerTooLarge) as exc:
+            state.observer.fallback("workspace", "lookup_failed")
+            log.warning("workspace lookup failed: %s", type(exc).__name__)
+            resolution = Resolution(Placement(UNRESOLVED), "unresolved")
     info = info_of(request)
     info.workspace, info.repo = resolution.placement.workspace, resolution.placement.repo
     return resolution
 
 
+# Contexts by how they count tokens and where they place a request: the same few on every
+# request, and immutable. Bounded, and emptied when full.
+_CONTEXTS: dict[tuple[Any, str | None, str | None, str | None], Context] = {}
+_CONTEXTS_LIMIT = 4096
+
+
 def policy_context(request: web.Request, resolution: Resolution, model: str | None = None) -> Context:
     """Where the request belongs, for scoped rules, and how to count tokens, for max_tokens rules."""
-    count_tokens = functools.partial(request.app[STATE].accountant.counter.count, model=model)
+    count_tokens = request.app[STATE].accountant.counter.counting(model)
     placement = resolution.placement
     if resolution.source == "unresolved":
-        return Context(count_tokens=count_tokens)
-    return Context(placement.org, placement.workspace, placement.repo, count_tokens)
+        key: tuple[Any, str | None, str | None, str | None] = (count_tokens, None, None, None)
+    else:
+        key = (count_tokens, placement.org, placement.workspace, placement.repo)
+    context = _CONTEXTS.get(key)
+    if context is None:
+        if len(_CONTEXTS) >= _CONTEXTS_LIMIT:
+            _CONTEXTS.clear()
+        context = _CONTEXTS[key] = Context(key[1], key[2], key[3], count_tokens)
+    return context
 
 
 def quota_exceeded(request: web.Request, verdict: Verdict) -> web.Response:
@@ -262,20 +315,24 @@ def quota_exceeded(request: web.Request, verdict: Verdict) -> web.Response:
     return response
 
 
-async def read_prompt(request: web.Request) -> InspectedRequest | Refusal:
+def _too_large(limit: int) -> Refusal:
+    return Refusal(413, f"Request body over {limit} bytes", BODY_TOO_LARGE)
+
+
+async def read_prompt(request: web.Request, limit: int) -> InspectedRequest | Refusal:
     """The prompt body, decoded as the backend decodes it, or why it is refused."""
-    limit = request.app[STATE].settings.body_limit
-    too_large = Refusal(413, f"Request body over {limit} bytes", BODY_TOO_LARGE)
-    if request.content_length is not None and request.content_length > limit:
-        return too_large
+    length = request.content_length
+    if length is not None and length > limit:
+        return _too_large(limit)
     try:
-        raw = await read_bounded(request, limit)
+        raw = await read_bounded(request.content, limit)
     except AnswerTooLarge:
-        return too_large
-    encodings = request.headers.getall("Content-Encoding", ())
+        return _too_large(limit)
+    headers = request.headers
+    encodings = headers.getall("Content-Encoding", ())
     inspected = read_body(
         raw,
-        content_type=request.headers.get("Content-Type"),
+        content_type=headers.get("Content-Type"),
         content_encoding=", ".join(encodings) if encodings else None,
         limit=limit,
     )
@@ -289,33 +346,40 @@ async def read_prompt(request: web.Request) -> InspectedRequest | Refusal:
     return inspected
 
 
-async def prompt(request: web.Request, conversation_id: str) -> web.StreamResponse:
-    state = request.app[STATE]
-    inspected = await read_prompt(request)
+async def prompt(
+    request: web.Request, conversation_id: str, state: GatewayState, info: RequestInfo
+) -> web.StreamResponse:
+    inspected = await read_prompt(request, state.settings.body_limit)
     if isinstance(inspected, Refusal):
         return refused(inspected)
     payload = inspected.payload
 
     resolution = await resolve(request, conversation_id)
-    model = payload.get("model") if isinstance(payload.get("model"), str) else None
+    model = payload.get("model")
+    if not isinstance(model, str):
+        model = None
     context = policy_context(request, resolution, model)
-    verdict, ticket = await state.quota.admit(resolution.placement.workspace)
+    workspace = resolution.placement.workspace
+    quota = state.quota
+    # A workspace without a budget is admitted without a coroutine to run.
+    verdict, ticket = quota.admit_now(workspace) or await quota.admit(workspace)
     if not verdict.allowed:
         return quota_exceeded(request, verdict)
     exchange = Exchange(conversation_id, resolution, model, payload["prompt"], ticket)
     # Settled by the middleware once the answer is out: recorded, or its ticket released.
-    request[EXCHANGE] = exchange
+    info.exchange = exchange
     # Every string of the body, keys included: the backend acts on all of them.
     texts = inspected.texts
-    decision = decide(request, Stage.PROMPT, texts.text, context, texts.path_at)
+    decision = decide_with(state, info, Stage.PROMPT, texts.text, context, texts.path_at)
     if decision.blocked:
         return json_response(403, block_body(decision))
-    info = info_of(request)
     exchange.forwarded = True
     called = time.perf_counter()
     info.prompt_own = called - info.started
     try:
-        upstream = await call_upstream(request, data=inspected.forward, inspect=True, body=inspected)
+        upstream = await call_upstream(
+            request, data=inspected.forward, inspect=True, body=inspected, state=state
+        )
     except UPSTREAM_ERRORS as exc:
         # Refused before the upstream had it: nothing was used.
         exchange.forwarded = not isinstance(exc, aiohttp.ClientConnectorError)
@@ -323,7 +387,7 @@ async def prompt(request: web.Request, conversation_id: str) -> web.StreamRespon
     info.upstream_seconds = time.perf_counter() - called
     state.observer.metrics.upstream_duration.observe(info.upstream_seconds)
     try:
-        return await inspect_answer(request, upstream, context, exchange)
+        return await inspect_answer(request, upstream, context, exchange, state=state, info=info)
     finally:
         upstream.release()
 

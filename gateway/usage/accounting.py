@@ -65,6 +65,8 @@ _NAMED_STATUSES = frozenset({401, 403, 404, 429})
 
 def _count(value: object) -> int | None:
     # Token counts come as numbers, or as strings where the backend sends big integers.
+    if value is None:  # most answers report none
+        return None
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -76,18 +78,19 @@ def _count(value: object) -> int | None:
 
 def reported_usage(payload: Any) -> tuple[int | None, int | None]:
     """(prompt, response) tokens an answer reports, where it reports them."""
-    if not isinstance(payload, Mapping):
+    # A dict first, everywhere: checking against Mapping, an ABC, is a Python call each time.
+    if not isinstance(payload, dict | Mapping):
         return None, None
     prompt = response = None
     usage = payload.get("usage")
-    if isinstance(usage, Mapping):
+    if usage is not None and isinstance(usage, dict | Mapping):
         prompt, response = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
     prompt = prompt if prompt is not None else _count(payload.get("tokensIn"))
     response = response if response is not None else _count(payload.get("tokensOut"))
     if response is None:
         response = _count(payload.get("tokenCount"))
     message = payload.get("message")
-    if response is None and isinstance(message, Mapping):
+    if response is None and not isinstance(message, str | None) and isinstance(message, dict | Mapping):
         response = _count(message.get("tokenCount"))
     return prompt, response
 

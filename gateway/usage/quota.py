@@ -70,6 +70,13 @@ class QuotaGate:
         self.margin = margin
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def admit_now(self, workspace: str) -> tuple[Verdict, Ticket] | None:
+        """What ``admit`` answers when it needs no store: a workspace without a budget is
+        admitted. None when the store must be asked (``admit``)."""
+        if workspace in self.budgets:
+            return None
+        return ALLOWED, Ticket()
+
     async def admit(self, workspace: str, now: datetime | None = None) -> tuple[Verdict, Ticket]:
         budget = self.budgets.get(workspace)
         if budget is None:

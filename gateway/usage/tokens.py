@@ -116,6 +116,9 @@ class TokenCounter:
         )
         # Model names come from requests: bounded, thread-safe memo of the lookups.
         self._resolve = functools.lru_cache(maxsize=1024)(self._lookup)
+        self.counting = functools.lru_cache(maxsize=1024)(self._counting)
+        # The count function of a model as given, name normalising and encoding lookup done.
+        self._count_function = functools.lru_cache(maxsize=1024)(self._function_for)
 
     @property
     def model_encodings(self) -> Mapping[str, str]:
@@ -139,7 +142,15 @@ class TokenCounter:
         """The number of tokens of ``text`` in the encoding of ``model``."""
         if not text:
             return 0
-        return _count_with(_counter(self.encoding_for(model)), text)
+        return _count_with(self._count_function(model), text)
+
+    def _function_for(self, model: str | None) -> Callable[[str], int]:
+        return _counter(self.encoding_for(model))
+
+    def _counting(self, model: str | None) -> Callable[[str], int]:
+        """``count`` with ``model`` bound: one object per model (memoised as ``counting``), so
+        that what holds it, a policy context say, can be shared by that model's requests."""
+        return functools.partial(self.count, model=model)
 
     def preload(self) -> None:
         """Load every encoding now (o200k_base takes ~0.3 s), e.g. at start-up."""

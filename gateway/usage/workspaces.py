@@ -159,31 +159,61 @@ class WorkspaceDirectory:
         return None
 
 
+_UNRESOLVED = Resolution(Placement(UNRESOLVED), "unresolved")
+_CLAIMS_LIMIT = 4096
+
+
 class WorkspaceResolver:
     def __init__(self, directory: WorkspaceDirectory, *, header: str | None, lookup_pages: int) -> None:
         self.directory = directory
         self.header = header
         self.lookup_pages = lookup_pages
+        self._claims: dict[tuple[str, str | None, str | None], Resolution] = {}
 
-    async def resolve(
-        self, headers: Mapping[str, str], conversation_id: str | None, fetch: PageFetcher | None
-    ) -> Resolution:
+    def settled(
+        self, headers: Mapping[str, str], conversation_id: str | None, *, can_look_up: bool
+    ) -> Resolution | None:
+        """What ``resolve`` answers when it needs no lookup (``can_look_up``: a fetcher would
+        be given); None when it would look the conversation up."""
         learned = self.directory.known(conversation_id) if conversation_id else None
         # SECURITY: the header is read only when configured: a client could send any value.
         if self.header is not None:
             claimed = headers.get(self.header, "").strip()
             if claimed:
-                repo, org = (learned.repo, learned.org) if learned else (None, None)
-                return Resolution(Placement(claimed, repo, org), "header")
+                return self._claimed(claimed, learned)
         if learned is not None:
             return Resolution(learned, "learned")
         if (
             conversation_id
-            and fetch is not None
+            and can_look_up
             and self.lookup_pages > 0
             and not self.directory.missed_recently(conversation_id)
         ):
-            found = await self.directory.look_up(conversation_id, fetch, pages=self.lookup_pages)
-            if found is not None:
-                return Resolution(found, "lookup")
-        return Resolution(Placement(UNRESOLVED), "unresolved")
+            return None
+        return _UNRESOLVED
+
+    def _claimed(self, claimed: str, learned: Placement | None) -> Resolution:
+        # The same workspaces are claimed request after request: one (immutable) resolution
+        # each. Bounded (the header is a client's), emptied when full.
+        repo, org = (learned.repo, learned.org) if learned else (None, None)
+        key = (claimed, repo, org)
+        resolution = self._claims.get(key)
+        if resolution is None:
+            if len(self._claims) >= _CLAIMS_LIMIT:
+                self._claims.clear()
+            resolution = self._claims[key] = Resolution(Placement(claimed, repo, org), "header")
+        return resolution
+
+    async def resolve(
+        self, headers: Mapping[str, str], conversation_id: str | None, fetch: PageFetcher | None
+    ) -> Resolution:
+        resolution = self.settled(headers, conversation_id, can_look_up=fetch is not None)
+        if resolution is not None:
+            return resolution
+        # What settled() leaves to a lookup: a conversation to look up, and how.
+        assert conversation_id
+        assert fetch is not None
+        found = await self.directory.look_up(conversation_id, fetch, pages=self.lookup_pages)
+        if found is not None:
+            return Resolution(found, "lookup")
+        return _UNRESOLVED

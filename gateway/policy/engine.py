@@ -180,10 +180,13 @@ def _evaluate(
         spans: ByteSpans = []
         if not _matches(compiled.node, hit_set, normalized, context, spans, None):
             continue
-        found[rule_index] = [
-            normalized.span(start, end) for start, end in sorted(set(spans))[:MAX_SPANS_PER_VIOLATION]
-        ]
+        found[rule_index] = _located(normalized, spans)
     return found
+
+
+def _located(normalized: NormalizedText, spans: ByteSpans) -> list[Span]:
+    """A rule's spans in the evaluated text: in order, each once, at most MAX_SPANS_PER_VIOLATION."""
+    return [normalized.span(start, end) for start, end in sorted(set(spans))[:MAX_SPANS_PER_VIOLATION]]
 
 
 def _evaluate_judged(
@@ -211,9 +214,7 @@ def _evaluate_judged(
                 continue
         elif not _matches(compiled.node, hits, normalized, context, spans, None):
             continue
-        found[rule_index] = [
-            normalized.span(start, end) for start, end in sorted(set(spans))[:MAX_SPANS_PER_VIOLATION]
-        ]
+        found[rule_index] = _located(normalized, spans)
     return found
 
 

@@ -211,19 +211,25 @@ class Span:
 
 
 @dataclass(frozen=True, slots=True)
-class Violation:
+class RuleOutcome:
+    """What a decision says of one rule: which rule, and how it acts."""
+
     rule_id: str
     name: str
     severity: Severity
     action: Action
     mode: Mode
     stage: Stage
-    # At most MAX_SPANS_PER_VIOLATION, in text order.
-    spans: tuple[Span, ...]
 
     @property
     def effective_action(self) -> Action:
         return Action.LOG if self.mode is Mode.SHADOW else self.action
+
+
+@dataclass(frozen=True, slots=True)
+class Violation(RuleOutcome):
+    # At most MAX_SPANS_PER_VIOLATION, in text order.
+    spans: tuple[Span, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,20 +248,10 @@ class JudgeCheck:
 
 
 @dataclass(frozen=True, slots=True)
-class PendingRule:
+class PendingRule(RuleOutcome):
     """A rule that only the model can decide on this text, and the checks it still needs."""
 
-    rule_id: str
-    name: str
-    severity: Severity
-    action: Action
-    mode: Mode
-    stage: Stage
     checks: tuple[JudgeCheck, ...]
-
-    @property
-    def effective_action(self) -> Action:
-        return Action.LOG if self.mode is Mode.SHADOW else self.action
 
 
 @dataclass(frozen=True, slots=True)

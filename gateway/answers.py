@@ -160,13 +160,16 @@ async def read_bounded(content: aiohttp.StreamReader | web.BaseRequest, limit: i
     stream = content.content if isinstance(content, web.BaseRequest) else content
     parts: list[bytes] = []
     size = 0
-    # readany() until EOF, as iter_any() does, without its iterator's cost on every request.
+    # readany() until EOF, as iter_any() does, without its iterator's cost on every request;
+    # a body that is all in (at_eof) ends without one more readany() to find it out.
     while chunk := await stream.readany():
         size += len(chunk)
         if size > limit:
             raise AnswerTooLarge
         parts.append(chunk)
-    return b"".join(parts)
+        if stream.at_eof():
+            break
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # How to read an answer.
@@ -294,8 +297,16 @@ _TOO_DEEP = "JSON nested too deeply"
 def read_answer(raw: bytes, *, sse: bool, declared: str | None, paths: FieldPaths) -> InspectedAnswer:
     """Every reading of a whole answer; ``NotInspectable`` if its JSON nests too deeply."""
     names = readings(raw, declared)
-    parts: list[Texts] = []
     payload: Any = None
+    if len(names) == 1:
+        # One reading (most answers): the loop below, without its joins.
+        try:
+            texts, parsed = _reading(raw, names[0], sse=sse, paths=paths, prefix="")
+        except TooDeep:
+            raise NotInspectable("too_deep", "Upstream answer nested too deeply to inspect") from None
+        payload = None if parsed is _NOT_JSON else parsed
+        return InspectedAnswer(texts, payload, texts.fields, names == ["utf-8"] and payload is not None)
+    parts: list[Texts] = []
     fields: tuple[str, ...] = ()
     for index, codec in enumerate(names):
         prefix = "" if index == 0 else f"{codec}:"

@@ -9,8 +9,10 @@ connection and its memory for that hour, and a thousand such clients hold a thou
 and on a kept-alive connection from the first byte after the previous request's body (waiting
 idle in between is ``keepalive_timeout``'s business); a head still incomplete then closes the
 connection, as nginx's ``client_header_timeout`` and Go's ``ReadHeaderTimeout`` do. A body is
-not timed here. One timer a head, started and cancelled as it begins and ends: nothing is done
-per byte but comparing a counter.
+not timed here. A head's start is noted as it begins and cleared as it ends; one timer a
+connection checks, when it fires, the head under way then (and is set again for its deadline),
+rather than one timer set and cancelled for every request: nothing is done per byte but
+comparing a counter.
 
 ``max_connections`` caps the connections open at once (per worker process). The one over the
 cap is served no request: its first is answered 503 in the backend's error shape, and the
@@ -93,12 +95,13 @@ class GuardedRequestHandler(QuietRequestHandler):
     """aiohttp's connection handler, with the head deadline and the cap of a ``ConnectionGuard``
     (and the safe error answers and log lines of ``QuietRequestHandler``)."""
 
-    __slots__ = ("_admitted", "_body", "_guard", "_head_timer")
+    __slots__ = ("_admitted", "_body", "_guard", "_head_started", "_head_timer")
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = manager.guard
         self._admitted = False
+        self._head_started: float | None = None  # when the head under way began; None: none is
         self._head_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None  # the body of the last request whose head came
 
@@ -113,7 +116,7 @@ class GuardedRequestHandler(QuietRequestHandler):
     def data_received(self, data: bytes) -> None:
         heads = self._request_count
         # The last body complete (or none): these bytes begin the next head.
-        between = self._head_timer is None and (self._body is None or self._body.is_eof())
+        between = self._head_started is None and (self._body is None or self._body.is_eof())
         super().data_received(data)
         if self._request_count != heads:
             self._stop_head_clock()
@@ -123,6 +126,9 @@ class GuardedRequestHandler(QuietRequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_clock()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self._body = None
         if self._admitted:
             self._admitted = False
@@ -135,16 +141,25 @@ class GuardedRequestHandler(QuietRequestHandler):
         return waiter is not None and not waiter.done()
 
     def _start_head_clock(self) -> None:
-        self._head_timer = self._loop.call_later(self._guard.limits.header_timeout, self._head_late)
+        self._head_started = started = self._loop.time()
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_at(
+                started + self._guard.limits.header_timeout, self._head_late
+            )
 
     def _stop_head_clock(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        # The timer is left to run out: it finds no head under way, or a later one to time.
+        self._head_started = None
 
     def _head_late(self) -> None:
         self._head_timer = None
-        if self.transport is None:
+        started = self._head_started
+        if self.transport is None or started is None:
+            return
+        due = started + self._guard.limits.header_timeout
+        if due > self._loop.time():
+            # A head begun after the one this timer was set for: its own deadline.
+            self._head_timer = self._loop.call_at(due, self._head_late)
             return
         if not self._idle():
             # The previous request is still being answered (its client pipelines): the next

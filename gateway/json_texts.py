@@ -154,12 +154,14 @@ def _walk(
         if depth >= limit:
             raise TooDeep(f"JSON nested deeper than {limit} levels")
         depth += 1
+        # The keys the field paths go on with here, once for the object rather than per key.
+        heads = {c[0] for c in cursors if c} if cursors else ()
         for position, (key, item) in enumerate(value.items()):
             named = _KEY_PATHS.get((path, key)) or _key_paths(path, key, position)
             where = named[0]
             pieces.append(key)
             paths.append(named[1])
-            inner = tuple(c[1:] for c in cursors if c and c[0] == key) if cursors else ()
+            inner = tuple(c[1:] for c in cursors if c and c[0] == key) if key in heads else ()
             kind = type(item)
             if kind is str:
                 if inner and () in inner:

@@ -36,6 +36,7 @@ from gateway.policy.model import (
     Scope,
     Severity,
     Stage,
+    walk_specs,
 )
 from gateway.policy.overrides import Override, apply_overrides, parse_overrides
 from gateway.policy.patterns import compile_pattern
@@ -331,7 +332,7 @@ def rule_warnings(rules: Iterable[Rule]) -> list[Problem]:
     """
     warnings: list[Problem] = []
     for rule in rules:
-        for spec in _walk(rule.match):
+        for spec in walk_specs(rule.match):
             if not isinstance(spec, AllSpec) or not any(isinstance(p, _MATCH_PARTS) for p in spec.parts):
                 continue
             warnings.extend(
@@ -347,18 +348,6 @@ NOT_BESIDE_MATCHES = (
     "(a placeholder, an example key) switches the rule off for a real match beside it; "
     "to exclude the matches themselves, write 'except:' (judged per match)"
 )
-
-
-def _walk(spec: MatchSpec) -> Iterable[MatchSpec]:
-    yield spec
-    match spec:
-        case AnySpec(parts) | AllSpec(parts):
-            for part in parts:
-                yield from _walk(part)
-        case NotSpec(part) | ExceptSpec(part):
-            yield from _walk(part)
-        case _:
-            return
 
 
 def _regex(node: yaml.Node) -> RegexSpec:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from types import MappingProxyType
@@ -147,6 +147,19 @@ MatchSpec = (
     | ExceptSpec
     | JudgeSpec
 )
+
+
+def walk_specs(spec: MatchSpec) -> Iterator[MatchSpec]:
+    """The spec and every spec inside it, in the order they are written."""
+    yield spec
+    match spec:
+        case AnySpec(parts) | AllSpec(parts):
+            for part in parts:
+                yield from walk_specs(part)
+        case NotSpec(part) | ExceptSpec(part):
+            yield from walk_specs(part)
+        case _:
+            return
 
 
 @dataclass(frozen=True, slots=True)

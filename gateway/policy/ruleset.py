@@ -33,6 +33,7 @@ from gateway.policy.model import (
     RegexSpec,
     Rule,
     Stage,
+    walk_specs,
 )
 from gateway.policy.patterns import SET_MAX_MEM, compile_pattern, keyword_pattern, options
 
@@ -133,7 +134,7 @@ class _PlanBuilder:
 
     def add(self, rule: Rule) -> None:
         rule_index = len(self.rules)
-        judges = sum(isinstance(spec, JudgeSpec) for spec in _specs(rule.match))
+        judges = sum(isinstance(spec, JudgeSpec) for spec in walk_specs(rule.match))
         if judges:
             self.judged.add(rule_index)
         # Keyed in the order written, which is the order ``_node`` meets them in.
@@ -210,19 +211,6 @@ class _PlanBuilder:
         return StagePlan(
             tuple(self.rules), matcher, tuple(self.owner), frozenset(self.always), frozenset(self.judged)
         )
-
-
-def _specs(spec: MatchSpec) -> Iterator[MatchSpec]:
-    """The spec and every spec inside it, in the order they are written."""
-    yield spec
-    match spec:
-        case AnySpec(parts) | AllSpec(parts):
-            for part in parts:
-                yield from _specs(part)
-        case NotSpec(part) | ExceptSpec(part):
-            yield from _specs(part)
-        case _:
-            return
 
 
 def may_match_without_probes(node: Node) -> bool:

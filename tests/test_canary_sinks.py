@@ -274,6 +274,19 @@ async def _send_everything(stack: Stack, canaries: Canaries) -> None:
     ).encode()))  # fmt: skip
     line = add("malformed.line", _aws(), Action.BLOCK)
     stack.answers.append(await _raw(stack.port, f"{line} / HTTP/1.1\r\nHost: x\r\n\r\n".encode()))
+    # The rest of the parser's refusals, each with a canary where the parser quotes from.
+    long_header = add("malformed.long-header", _aws(), Action.BLOCK)
+    chunk = add("malformed.chunk", _aws(), Action.BLOCK)
+    version = add("malformed.version", _aws(), Action.BLOCK)
+    lengths = add("malformed.lengths", _aws(), Action.BLOCK)
+    for raw in (
+        f"GET / HTTP/1.1\r\nHost: x\r\nX-Note: {'a' * 9000}{long_header}\r\n\r\n",
+        f"POST /conversation/c1/prompt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        f"{chunk}\r\n{{}}\r\n0\r\n\r\n",
+        f"GET / HTTP/{version}\r\nHost: x\r\n\r\n",
+        f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: {lengths}\r\n\r\n{{}}",
+    ):
+        stack.answers.append(await _raw(stack.port, raw.encode()))
     token = add("admin.malformed", _github(), Action.BLOCK)
     stack.answers.append(await _raw(stack.admin, (
         f"GET /usage/ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token[:4]}\x01{token[4:]}\r\n\r\n"
@@ -317,4 +330,4 @@ async def test_no_canary_reaches_any_sink(stack: tuple[Stack, Canaries]) -> None
 
     leaks = {name: canaries.found_in(text) for name, text in sinks.items()}
     assert {name: routes for name, routes in leaks.items() if routes} == {}
-    assert len(canaries.by_route) >= 25
+    assert len(canaries.by_route) >= 29

@@ -9,7 +9,8 @@ import os
 import shutil
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,14 @@ from gateway.audit import configure_logging
 from gateway.config import PARSERS, ConfigError, Settings, load_settings
 from gateway.demo import add_demo_parser
 from gateway.evaluation import EvalInputError, eval_files, render_eval
+from gateway.judge.client import JudgeSettings
+from gateway.judge.offline import (
+    LiveVerdicts,
+    RecordedVerdicts,
+    VerdictSource,
+    VerdictSourceError,
+    read_api_key,
+)
 from gateway.policy import (
     BUILTIN_POLICY_DIR,
     Decision,
@@ -56,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         print(f"{len(exc.problems)} error(s): policies refused", file=sys.stderr)
         return 1
+    except VerdictSourceError as exc:
+        for refused in exc.problems:
+            print(f"gateway: {refused}", file=sys.stderr)
+        return 2
     except (EvalInputError, OSError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
@@ -87,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
     test = commands.add_parser("test", help="run every rule's tests")
     _policy_paths(test)
+    _judge_options(test)
     test.set_defaults(run=_test)
 
     explain = commands.add_parser("explain", help="show the decision on a text and where rules match")
@@ -104,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
         default="log",
         help="count a text as flagged only when a rule of this action or stronger matches",
     )
+    _judge_options(evaluation)
     evaluation.add_argument("files", nargs="+", type=Path, metavar="FILE.jsonl")
     evaluation.set_defaults(run=_eval)
 
@@ -210,6 +225,35 @@ def _policies_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _judge_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "judge rules", "decide what only the judge can: from recorded verdicts, or a model (default: neither)"
+    )
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--verdicts", type=Path, metavar="FILE", help="recorded verdicts to replay")
+    source.add_argument("--judge-url", metavar="URL", help="an OpenAI-compatible endpoint (its base: .../v1)")
+    group.add_argument("--judge-model", metavar="NAME", help="with --judge-url: the model to ask")
+    group.add_argument(
+        "--judge-api-key-file", type=Path, metavar="PATH", help="default: env GATEWAY_JUDGE_API_KEY"
+    )
+    group.add_argument("--record", type=Path, metavar="FILE", help="with --judge-url: keep verdicts in FILE")
+
+
+@contextmanager
+def _verdict_source(args: argparse.Namespace) -> Iterator[VerdictSource | None]:
+    if args.judge_url is None:
+        for flag in ("judge_model", "judge_api_key_file", "record"):
+            if getattr(args, flag) is not None:
+                raise VerdictSourceError([f"--{flag.replace('_', '-')} needs --judge-url"])
+        yield None if args.verdicts is None else RecordedVerdicts.load(args.verdicts)
+        return
+    if not args.judge_model:
+        raise VerdictSourceError(["--judge-url needs --judge-model"])
+    api_key = read_api_key(args.judge_api_key_file, os.environ)
+    with LiveVerdicts(JudgeSettings(args.judge_url, args.judge_model, api_key), args.record) as live:
+        yield live
+
+
 def _check(args: argparse.Namespace) -> int:
     rules, revision = load_rules(args.dirs)
     # Warnings load and serve; they are listed like errors, and the exit status stays 0.
@@ -233,7 +277,8 @@ def _checked(paths: Sequence[Path]) -> str:
 
 def _test(args: argparse.Namespace) -> int:
     rules, _ = load_rules(args.dirs)
-    report = run_rule_tests(rules)
+    with _verdict_source(args) as source:
+        report = run_rule_tests(rules, None if source is None else source.complete)
     for failure in report.failures:
         print(f"FAIL {failure.describe()}")
     # Without a model a judge cannot decide: its cases are neither passed nor failed.
@@ -243,6 +288,8 @@ def _test(args: argparse.Namespace) -> int:
     summary = f"{report.rules} rules, {report.cases} cases, {len(report.failures)} failures"
     if report.skipped:
         summary += f", {report.skipped_cases} skipped"
+    if report.judged:
+        summary += f", {report.judged} judged"
     print(f"{status}: {summary} {_checked(args.dirs)}")
     return 1 if report.failures else 0
 
@@ -328,6 +375,14 @@ def _usage(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     ruleset = load_ruleset(args.policies or [BUILTIN_POLICY_DIR])
-    report = eval_files(ruleset, args.files, min_action=args.min_action)
+    with _verdict_source(args) as source:
+        judge = None if source is None else source.complete
+        report = eval_files(ruleset, args.files, min_action=args.min_action, judge=judge)
     print(report.to_json() if args.json else render_eval(report))
+    if report.unjudged:
+        # Said apart from the table: a text the judge never saw is not counted as passed.
+        why = ", ".join(f"{kind}: {count}" for kind, count in sorted(report.unjudged.items()))
+        hint = ": give --verdicts FILE or --judge-url URL --judge-model NAME"
+        hint = hint if "no judge" in report.unjudged else ""
+        print(f"gateway: {report.unjudged.total()} text(s) left unjudged ({why}){hint}", file=sys.stderr)
     return 0

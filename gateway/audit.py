@@ -288,6 +288,8 @@ def violation_event(
         "length": sum(end - start for start, end in spans),
         "fingerprints": [fingerprint(key, text)[:32] for text in texts if text is not None],
     }
+    if violation.reference:
+        event["reference"] = violation.reference  # the platform's policy id, for an imported rule
     if where is not None:
         # Where in the message each match fell (JSON paths that name plain-word keys only).
         event["paths"] = list(dict.fromkeys(where(start) for start, _ in spans))

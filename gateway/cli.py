@@ -1,4 +1,4 @@
-"""The ``gateway`` command: serve, and check, test, explain and eval policies, and read usage."""
+"""The ``gateway`` command: serve, check, test, explain and eval policies, pull the platform's, read usage."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from gateway.policy import (
 from gateway.policy.holdback import plan_holdback
 from gateway.policy.loader import rule_warnings
 from gateway.policy.selftest import run_rule_tests
+from gateway.policy_pull import add_policies_parser
 from gateway.runtime import run_loop
 from gateway.settings_help import flag_help, settings_epilog
 from gateway.usage.redis_store import RedisUsageStore
@@ -125,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_serve_parser(commands)
 
     add_demo_parser(commands)
+
+    add_policies_parser(commands)
 
     usage = commands.add_parser("usage", help="a workspace's token totals, read from Redis")
     usage.add_argument("workspace")

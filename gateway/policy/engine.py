@@ -106,6 +106,7 @@ def evaluate(ruleset: RuleSet, stage: Stage, text: str, context: Context = _NO_C
                 mode=rule.mode,
                 stage=stage,
                 spans=tuple(spans),
+                reference=rule.reference,
             )
         )
     action = max((v.effective_action for v in violations), default=Action.ALLOW)
@@ -146,7 +147,9 @@ def complete(
 
 
 def _pending_rule(rule: Rule, stage: Stage, checks: tuple[JudgeCheck, ...]) -> PendingRule:
-    return PendingRule(rule.id, rule.name, rule.severity, rule.action, rule.mode, stage, checks)
+    return PendingRule(
+        rule.id, rule.name, rule.severity, rule.action, rule.mode, stage, checks, reference=rule.reference
+    )
 
 
 def _span_order(span: Span) -> tuple[int, int]:

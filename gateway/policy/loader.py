@@ -46,6 +46,7 @@ BUILTIN_POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 
 _RULE_KEYS = frozenset(
     {"id", "name", "description", "severity", "action", "mode", "stages", "scope", "match", "tests"}
+    | {"reference"}
 )
 _MATCH_KINDS = ("regex", "keywords", "detector", "max_tokens", "judge", "any", "all", "not")
 # ``except`` is a part of an ``all``, never a match on its own.
@@ -214,12 +215,26 @@ def _parse_rule(path: str, node: yaml.Node) -> tuple[_Declared | None, list[Prob
         scope=field("scope", nodes.scope, Scope()),
         match=_match_collecting(fields["match"], report),
         tests=_tests_collecting(fields["tests"], report) if "tests" in fields else RuleTests(),
+        reference=field("reference", _reference, ""),
         source=path,
         line=nodes.line(node),
     )
     if problems:
         return declared, problems
     return _Declared(rule.id, path, rule.line, rule), problems
+
+
+MAX_REFERENCE = 128
+
+
+def _reference(node: yaml.Node) -> str:
+    """A short, one-line name of where a rule comes from (the platform's policy id, say)."""
+    value = nodes.scalar(node) if isinstance(node, yaml.ScalarNode) else None
+    if not isinstance(value, str) or not value.strip() or not value.isprintable():
+        raise nodes.Invalid(node, "reference must be non-empty text on one line")
+    if len(value) > MAX_REFERENCE:
+        raise nodes.Invalid(node, f"reference must be at most {MAX_REFERENCE} characters")
+    return value
 
 
 def _tests_collecting(node: yaml.Node, report: Callable[[nodes.Invalid], None]) -> RuleTests:

@@ -180,6 +180,8 @@ class Rule:
     stages: frozenset[Stage] = frozenset(Stage)
     scope: Scope = Scope()
     tests: RuleTests = RuleTests()
+    # Where the rule comes from outside this gateway (the platform's policy id, say): records name it.
+    reference: str = ""
     source: str = ""
     line: int = 0
 
@@ -233,6 +235,8 @@ class RuleOutcome:
     action: Action
     mode: Mode
     stage: Stage
+    # The rule's reference (``Rule.reference``); keyword-only so subclasses add fields after it.
+    reference: str = field(default="", kw_only=True)
 
     @property
     def effective_action(self) -> Action:

@@ -144,9 +144,11 @@ def stream(pieces: list[str], shape: str, holdback: Holdback | int = HOLDBACK) -
         if read.side.text and (side := guard.side(read.side.text)).blocked:
             return outcome(side)
         step = guard.feed(event, read.text, data=read.data, plain=read.plain)
-        sent += len(step.release)
         if step.blocked is not None:
             return outcome(step.blocked)
+        if read.data and not read.plain and (whole := guard.data_as_written(read.data)).blocked:
+            return outcome(whole)
+        sent += len(step.release)
     sent += len(guard.finish().release)
     return outcome(None)
 
@@ -303,18 +305,16 @@ PROSE = [
 
 
 def test_prose_is_released_as_it_arrives() -> None:
-    """An event of ordinary prose leaves when it arrives if it ends after a space or a mark, and
-    with the next event at the latest if it ends inside a word that could begin a key."""
+    """An event of ordinary prose leaves when it arrives, even when it ends inside a word, unless
+    the word could begin a key: " ship" could become a Shippo token ("shippo_live_...")."""
     guard = StreamGuard(PACK, Context(), holdback=HOLDBACK)
     released_at: dict[int, int] = {}
     for index, word in enumerate(PROSE):
         for event in guard.feed(str(index).encode(), word).release:
             released_at[int(event)] = index
-    for index, word in enumerate(PROSE):
-        if word[-1] in " ,;:!":
-            assert released_at.get(index) == index, (index, word)
-        else:
-            assert released_at.get(index) in (index, index + 1), (index, word)
+    late = {word for index, word in enumerate(PROSE) if released_at.get(index) != index}
+    assert late == {" ship"}
+    assert released_at[PROSE.index(" ship")] == PROSE.index(" ship") + 1
 
 
 @pytest.mark.parametrize(
@@ -322,16 +322,23 @@ def test_prose_is_released_as_it_arrives() -> None:
     [
         pytest.param("Sure, here is the plan. ", "", id="prose ending after a space holds nothing"),
         pytest.param("Sure, here is the plan:", "", id="prose ending after punctuation holds nothing"),
-        pytest.param("Then rest.", "st.", id="what a rule without a boundary could start with is held"),
+        pytest.param("Then rest.", "", id="a full stop that only context could follow is not held"),
+        pytest.param(
+            "The migration", "", id="a last letter that no reported part can take composed is not held"
+        ),
+        pytest.param("The8", "8", id="an Azure AD secret's free characters are context, its digit is held"),
+        pytest.param("The8Q~abc", "8Q~abc", id="and so is what follows the digit"),
+        pytest.param("aws_secret_access_key = AKxy", "AKxy", id="a key's long context is not held"),
+        pytest.param("SC5d4r_hcv", "_hcv", id="a MaxMind key is held from its reported part"),
         pytest.param("Here is the key AKIAIOSF", "AKIAIOSF", id="the beginning of an AWS key is held"),
-        pytest.param("AKIAIOSFODNN7EXAMPLE and", "and", id="a finished key is no longer held"),
+        pytest.param("AKIAIOSFODNN7EXAMPLE and", "", id="a finished key is no longer held"),
         pytest.param("use ghp_Xq2dM4tV", "ghp_Xq2dM4tV", id="the beginning of a GitHub token is held"),
         pytest.param(
-            "DATABASE_URL=postgres://app:5im9", "postgres://app:5im9", id="a URL with a password is held"
+            "DATABASE_URL=postgres://app:5im9", "app:5im9", id="a URL's credentials are held, not its scheme"
         ),
         pytest.param("-----BEGIN RSA PRIV", "-----BEGIN RSA PRIV", id="a PEM header is held"),
         pytest.param("an \\u00", "\\u00", id="an escape cut short is held"),
-        pytest.param('key = "\\u00', 'key = "\\u00', id="and what its character could continue"),
+        pytest.param('key = "\\u00', "\\u00", id="and not the context its character could follow"),
         pytest.param(
             "id: \\u0041KIAIOS", "\\u0041KIAIOS", id="a key behind an escape is held from the escape"
         ),
@@ -340,7 +347,7 @@ def test_prose_is_released_as_it_arrives() -> None:
         pytest.param("GEMINI_API_KEY=AIza", "GEMINI_API_KEY=AIza", id="a key's name and its start are held"),
         pytest.param("a ≮", "≮", id="a character a combining mark may still change is held"),
         pytest.param("x AKIAIO", "AKIAIO", id="the context before a key is not held"),
-        pytest.param("xAKIAIO", "IAIO", id="a key that cannot begin there is not held from there"),
+        pytest.param("xAKIAIO", "", id="a key that cannot begin there is not held"),
         pytest.param(
             "fullwidth ＡＫＩＡ", "ＡＫＩＡ", id="text read through normalisation is held as written"
         ),
@@ -609,3 +616,19 @@ def _sample(exposition: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in the exposition")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param('{"GEMINI_API_KEY": "AIzaSy_n0wYW68pFQkBeDDGV6E4UN_6Gv7pw08C"}', id="as written"),
+        pytest.param('{"GEMINI_API_KEY": "\\u0041IzaSy_n0wYW68pFQkBeDDGV6E4UN_6Gv7pw08C"}', id="escaped"),
+        pytest.param(
+            '[{"key": "x", "GEMINI_API_KEY": "AIzaSy_n0wYW68pFQkBeDDGV6E4UN_6Gv7pw08C"}]', id="in a list"
+        ),
+    ],
+)
+def test_a_key_named_by_the_key_of_a_json_event_is_blocked(data: str) -> None:
+    """A client that shows an event's data raw reads a JSON key beside its value: a rule that
+    needs the name before the key matches there, though the strings are read apart."""
+    assert stream([data], "plain text").blocked is not None

@@ -40,7 +40,16 @@ import re2
 from gateway.policy.model import Action, Rule, Span, Stage
 from gateway.policy.normalize import normalize
 from gateway.policy.patterns import SET_MAX_MEM, options
-from gateway.policy.prefixes import Regex, Unreadable, part_pattern, prefix_pattern, read, width
+from gateway.policy.prefixes import (
+    Regex,
+    Unreadable,
+    characters,
+    context_pattern,
+    part_pattern,
+    prefix_pattern,
+    read,
+    width,
+)
 from gateway.policy.ruleset import (
     AllNode,
     AnyNode,
@@ -77,9 +86,9 @@ class RuleHoldback:
 
 @dataclass(frozen=True, slots=True)
 class _Analysis:
-    # Each pattern, whole and from its reported group on: held while a suffix of the text
-    # begins a match of one.
-    prefixes: tuple[tuple[Regex, Regex], ...]
+    # Each pattern, whole, from its reported group on, and the context before that group:
+    # held while a suffix of the text begins a match of one.
+    prefixes: tuple[tuple[Regex, Regex, Regex], ...]
     parts: tuple[Regex, ...]  # held from a whole match on, while other parts may follow
     width: int  # the longest match of any pattern of the rule, exceptions included
 
@@ -88,8 +97,8 @@ def _analyse(node: Node) -> _Analysis:
     """Raises ``Unreadable`` for a pattern that cannot be read."""
     match node:
         case ProbeNode(probe):
-            whole, held = read(probe.regex.pattern)
-            return _Analysis(((whole, held),), (), width(whole))
+            whole, held, context = read(probe.regex.pattern)
+            return _Analysis(((whole, held, context),), (), width(whole))
         case AnyNode(parts):
             found = [_analyse(part) for part in parts]
             return _Analysis(
@@ -104,7 +113,12 @@ def _analyse(node: Node) -> _Analysis:
             prefixes = tuple(r for a in positive for r in a.prefixes)
             inner = tuple(r for a in positive for r in a.parts)
             # Each part's match is reported when the last part arrives: the early ones are held.
-            early = tuple(held for _whole, held in prefixes) if len(positive) > 1 else ()
+            # (Whole, with a wide context: the group alone is no match without it.)
+            early = (
+                tuple(whole if _wide(context) else held for whole, held, context in prefixes)
+                if len(positive) > 1
+                else ()
+            )
             return _Analysis(prefixes, inner + early, max(widths, default=0))
         case NotNode(part) | ExceptNode(part):
             # Nothing they match is reported; only the window's width counts.
@@ -114,6 +128,20 @@ def _analyse(node: Node) -> _Analysis:
             return _Analysis((), (), 0)
         case _:
             raise Unreadable(f"a {type(node).__name__} part is not known to it")
+
+
+def _wide(context: Regex) -> bool:
+    """Whether the context before a reported group is more than one character, or may be a
+    letter or digit. Such a pattern is held on its own (``Holdback.wide``): held with the others,
+    where one character of context is dropped, a keyword before a key would be held, or a
+    letter that only another rule's reported part could begin."""
+    if width(context) > 1:
+        return True
+    classes = [re2.compile(f"(?s:{char})") for char in characters(context)]
+    return any(cls.fullmatch(char) is not None for cls in classes for char in _ALNUM)
+
+
+_ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def _reports(node: Node) -> bool:
@@ -158,6 +186,15 @@ class Holdback:
     # anything; ``reported`` the same from each reported group on, without its context.
     regex: Any = None
     reported: Any = None
+    # What a combining mark still to come could turn the text's last letter into, one
+    # character for each way the block rules' character classes tell such characters apart
+    # (None: not worked out, and the last letter is held).
+    composed: tuple[str, ...] | None = None
+    # Patterns with wide context before what they report (``_wide``), each searched alone:
+    # every beginning of a match, of the reported part, and the context, backwards (anchored);
+    # ``any_wide`` is the first of them all joined, for the common case that none begins here.
+    wide: tuple[tuple[Any, Any, Any], ...] = ()
+    any_wide: Any = None
 
     @classmethod
     def fixed_window(cls, window: int) -> Holdback:
@@ -171,7 +208,7 @@ class Holdback:
         size = len(text)
         floor = max(0, size - self.window)
         held = size - self.fixed
-        if self.regex is None or held <= floor:
+        if (self.regex is None and not self.wide) or held <= floor:
             return max(floor, held)
         end = text[floor:] if floor else text
         return floor + min(held - floor, self._levels(end))
@@ -197,26 +234,56 @@ class Holdback:
         return min(cut, self._search(text), self._search(text[:cut]))
 
     def _search(self, text: str) -> int:
+        found = self._search_as_is(text)
+        if self.composed and text and text[-1] in _COMPOSING:
+            # Held as the text would read with the last letter composed, in each way that matters.
+            head = text[:-1]
+            found = min(found, *(self._search_as_is(head + char, composed=True) for char in self.composed))
+        return found
+
+    def _search_as_is(self, text: str, *, composed: bool = False) -> int:
         normalized = normalize(text)
         data = normalized.text
         # A combining mark still to come may turn the last character into any other: it is
         # held, and what precedes it is held if it begins a match (whatever would follow).
-        settled = _settled(data)
+        settled = _settled(data, letters=self.composed is not None, composed=composed)
         ascii_only = normalized.starts is None and data.isascii()
         backwards = (
             normalized.data[:settled][::-1]
             if ascii_only
             else data[:settled][::-1].encode("utf-8", errors="replace")
         )
-        taken = backwards[: self.regex.match(backwards).end()]
-        if taken and self.reported is not None and self.reported.fullmatch(taken) is None:
-            # The match ends with the character of context before a reported group: that
-            # character is not part of what a block reports, so it is not held.
-            taken = taken[:-1] if ascii_only else taken.decode("utf-8", errors="replace")[:-1].encode()
-        found = settled - (len(taken) if ascii_only else len(taken.decode("utf-8", errors="replace")))
+        kept = 0
+        if self.regex is not None:
+            kept = self._held(self.regex, self.reported, backwards, ascii_only)
+        if self.any_wide is not None and self.any_wide.match(backwards).end():
+            # Bytes are cut by character only when every character is one byte.
+            chars = backwards if ascii_only else backwards.decode("utf-8", errors="replace")
+            for regex, reported, context in self.wide:
+                kept = max(kept, _held_wide(regex, reported, context, chars))
+        found = settled - kept
         if found >= len(data):
             return len(text)
         return found if normalized.starts is None else normalized.starts[found]
+
+    @staticmethod
+    def _held(regex: Any, reported: Any, backwards: bytes, ascii_only: bool) -> int:
+        """How many characters at the end of the text (``backwards``) to hold for these rules."""
+        taken = backwards[: regex.match(backwards).end()]
+        if taken and reported is not None and reported.fullmatch(taken) is None:
+            # The match ends with the character of context before a reported group: that
+            # character is not part of what a block reports, so it is not held.
+            taken = taken[:-1] if ascii_only else taken.decode("utf-8", errors="replace")[:-1].encode()
+        return len(taken) if ascii_only else len(taken.decode("utf-8", errors="replace"))
+
+
+def _held_wide(regex: Any, reported: Any, context: Any, backwards: bytes | str) -> int:
+    """How many characters at the end of the text to hold for one pattern with wide context:
+    the longest end that begins its reported part right after a match of its context."""
+    for held in range(regex.match(backwards).end(), 0, -1):
+        if reported.fullmatch(backwards[:held]) is not None and context.match(backwards[held:]) is not None:
+            return held
+    return 0
 
 
 # Plans by (rules, stage, cap): each gateway, worker and reload of the same rules builds one once.
@@ -240,6 +307,8 @@ def _plan(ruleset: RuleSet, stage: Stage, cap: int) -> Holdback:
     prefixes: list[str] = []
     reported: list[str] = []
     parts: list[str] = []
+    accepted: list[str] = []  # every character class of what a prefix-held rule reports
+    wide: list[tuple[str, str, str]] = []
     window = fixed = 0
     for compiled in ruleset.plan(stage).rules:
         if compiled.rule.effective_action is not Action.BLOCK:
@@ -254,24 +323,44 @@ def _plan(ruleset: RuleSet, stage: Stage, cap: int) -> Holdback:
         longest_match = min(analysis.width, cap)
         window = max(window, longest_match)
         reason = _fallback(compiled.node)
-        rule_prefixes = [prefix_pattern(whole) for whole, _held in analysis.prefixes]
-        rule_reported = [prefix_pattern(held) for _whole, held in analysis.prefixes]
+        narrow = [(whole, held) for whole, held, context in analysis.prefixes if not _wide(context)]
+        rule_wide = [
+            (prefix_pattern(whole), prefix_pattern(held), context_pattern(context))
+            for whole, held, context in analysis.prefixes
+            if _wide(context)
+        ]
+        rule_prefixes = [prefix_pattern(whole) for whole, _held in narrow]
+        rule_reported = [prefix_pattern(held) for _whole, held in narrow]
         rule_parts = [part_pattern(part) for part in analysis.parts]
-        if reason is None and not _compiles(rule_prefixes + rule_reported + rule_parts):
+        patterns = rule_prefixes + rule_reported + rule_parts + [text for both in rule_wide for text in both]
+        if reason is None and not _compiles(patterns):
             reason = "its prefix regex exceeds RE2's memory budget"
         if reason is not None:
             rules.append(RuleHoldback(rule_id, longest_match, longest_match, reason))
             fixed = max(fixed, longest_match)
             continue
-        longest = min(cap, max((width(held) for _whole, held in analysis.prefixes), default=0))
+        longest = min(cap, max((width(held) for _whole, held, _context in analysis.prefixes), default=0))
         rules.append(RuleHoldback(rule_id, longest, parts=bool(rule_parts)))
+        accepted += [char for _whole, held, _context in analysis.prefixes for char in characters(held)]
+        wide += rule_wide
         prefixes += rule_prefixes
         reported += rule_reported
         parts += rule_parts
-    if not prefixes:
+    if not prefixes and not parts and not wide:
         return Holdback(window, fixed, tuple(rules))
+    regex = _compile(prefixes + parts) if prefixes or parts else None
     context = _compile(reported + parts) if reported != prefixes else None
-    return Holdback(window, fixed, tuple(rules), _compile(prefixes + parts), context)
+    compiled_wide = tuple((_compile([w]), _compile([r]), _compile([c])) for w, r, c in wide)
+    return Holdback(
+        window,
+        fixed,
+        tuple(rules),
+        regex,
+        context,
+        _composed_kinds(accepted),
+        compiled_wide,
+        _compile([w for w, _r, _c in wide]) if wide else None,
+    )
 
 
 def _compiles(patterns: list[str]) -> bool:
@@ -302,6 +391,37 @@ _LONGEST_ESCAPE = 14
 _COMPOSING = frozenset("<=>ABCDEFGHIJKLMNOPRSTUVWXYZabcdefghijklmnoprstuvwxyz")
 
 
+def _composed() -> tuple[str, ...]:
+    """Every character that a character of ``_COMPOSING`` composes into with marks (NFKC)."""
+    # The highest such character is U+226F (NOT GREATER-THAN).
+    return tuple(
+        char
+        for char in map(chr, range(0x80, 0x2300))
+        if unicodedata.normalize("NFKC", char) == char
+        and len(decomposed := unicodedata.normalize("NFD", char)) > 1
+        and decomposed[0] in _COMPOSING
+    )
+
+
+_COMPOSED = _composed()
+_COMPOSED_SET = frozenset(_COMPOSED)
+
+
+def _composed_kinds(accepted: list[str]) -> tuple[str, ...]:
+    """One composed character for each set of ``accepted`` classes that take it (none: left out).
+
+    Two characters taken by the same classes are the same to every pattern of the rules: a
+    text ending in one begins a match exactly when it ends in the other.
+    """
+    classes = [re2.compile(f"(?s:{char})") for char in accepted]
+    kinds: dict[tuple[bool, ...], str] = {}
+    for char in _COMPOSED:
+        taken = tuple(cls.fullmatch(char) is not None for cls in classes)
+        if any(taken):
+            kinds.setdefault(taken, char)
+    return tuple(kinds.values())
+
+
 def _cut_escape(text: str) -> int:
     """Where an escape left open at the end of ``text`` begins, or ``len(text)``."""
     offset = max(0, len(text) - _LONGEST_ESCAPE)
@@ -326,14 +446,18 @@ def _cut_escape(text: str) -> int:
     return cut
 
 
-def _settled(text: str) -> int:
+def _settled(text: str, *, letters: bool, composed: bool) -> int:
     """How much of ``text`` a combining mark still to come cannot change (NFKC composes it
-    with the last character that is not one, and any marks after it)."""
+    with the last character that is not one, and any marks after it). With ``letters`` the
+    caller also reads the text with its last letter composed: a last ASCII character counts as
+    settled; with ``composed`` this is such a reading, and its composed last character does."""
     end = len(text)
     while end and unicodedata.combining(text[end - 1]):
         end -= 1
-    if end == len(text) and end and text[-1].isascii() and text[-1] not in _COMPOSING:
-        return end
+    if end == len(text) and end:
+        last = text[-1]
+        if (last.isascii() and (letters or last not in _COMPOSING)) or (composed and last in _COMPOSED_SET):
+            return end
     return max(0, end - 1)
 
 

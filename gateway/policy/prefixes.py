@@ -181,13 +181,9 @@ def _placeholder(written: str, classes: dict[int, str]) -> str:
     return chr(code)
 
 
-# Context before a reported group ``v`` (``(?:\\b|_)``, ``(?:^|[^\\w])``): no more than this, and
-# it is not held (``holdback.Holdback.start``).
-_CONTEXT = 1
-
-
-def read(pattern: str) -> tuple[Regex, Regex]:
-    """The pattern as a tree, and from its group ``v`` on when at most ``_CONTEXT`` precedes it.
+def read(pattern: str) -> tuple[Regex, Regex, Regex]:
+    """The pattern as a tree; from its group ``v`` on; and what precedes that group (empty when
+    the pattern has no group ``v`` at its top level, and the tree from the group on is the whole).
 
     Raises ``Unreadable``.
     """
@@ -201,16 +197,16 @@ def read(pattern: str) -> tuple[Regex, Regex]:
     reader = _Reader(classes)
     items = list(parsed)
     whole = held = reader.seq(items)
+    context: _Re = _EMPTY
     group = parsed.state.groupdict.get("v")
     for position, (op, av) in enumerate(items):
         if op is _c.SUBPATTERN and av[0] == group:
-            if _width(reader.seq(items[:position])) <= _CONTEXT:
-                held = reader.seq(items[position:])
+            held, context = reader.seq(items[position:]), reader.seq(items[:position])
             break
     flags = "".join(letter for bit, letter in _FLAGS.items() if parsed.state.flags & bit)
     if flags:
-        return _Flags(flags, "", whole), _Flags(flags, "", held)
-    return whole, held
+        return _Flags(flags, "", whole), _Flags(flags, "", held), _Flags(flags, "", context)
+    return whole, held, context
 
 
 class _Reader:
@@ -412,6 +408,36 @@ def width(regex: Regex) -> int:
 def prefix_pattern(regex: Regex) -> str:
     """RE2 text matching, backwards, every beginning of a match of ``regex`` (relaxed)."""
     return _text(_reverse(_prefix(_relax(regex))))
+
+
+def characters(regex: Regex) -> list[str]:
+    """RE2 text of every one-character part of ``regex``, each under the flags it is read with."""
+    found: list[str] = []
+
+    def walk(node: _Re, wrap: tuple[tuple[str, str], ...]) -> None:
+        match node:
+            case _Char():
+                text = _text(node)
+                for on, off in reversed(wrap):
+                    text = f"(?{on}{'-' + off if off else ''}:{text})"
+                found.append(text)
+            case _Seq(items) | _Alt(items):
+                for item in items:
+                    walk(item, wrap)
+            case _Repeat(item, _low, _high):
+                walk(item, wrap)
+            case _Flags(on, off, item):
+                walk(item, (*wrap, (on, off)))
+
+    walk(regex, ())
+    return list(dict.fromkeys(found))
+
+
+def context_pattern(regex: Regex) -> str:
+    """RE2 text matching, backwards, a whole match of ``regex`` (relaxed) and anything before it,
+    or any beginning of a match at the start of the text searched (what lies before is unknown)."""
+    backwards = _reverse(_relax(regex))
+    return f"(?:{_text(backwards)}|(?:{_text(_prefix(backwards))})$)"
 
 
 def part_pattern(regex: Regex) -> str:

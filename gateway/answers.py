@@ -11,6 +11,7 @@ text is: what is counted as response tokens, and what a stream joins across even
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import functools
 import logging
@@ -36,6 +37,7 @@ from gateway.flashback import (
     withheld_notice,
 )
 from gateway.json_texts import Texts, TooDeep, collect, join
+from gateway.judge.runner import waits
 from gateway.observe import Where
 from gateway.policy import Action, Context, Decision, Stage, evaluate
 from gateway.proxy import (
@@ -144,6 +146,53 @@ def _report(
 ) -> None:
     state.observer.decision(decision, info, lambda start, end: text[start:end], where)
     _note_action(info, decision.action)
+
+
+# Judge calls whose verdicts come after the answer: kept until done (a task without a
+# reference may be collected), and awaited at shutdown by the event loop's own cleanup.
+_AFTER: set[asyncio.Task[Decision]] = set()
+
+
+async def judge_pending(
+    state: GatewayState,
+    info: RequestInfo,
+    decision: Decision,
+    text: str,
+    context: Context,
+    where: Where | None = None,
+) -> Decision:
+    """``decision``, completed by the judge when a pending rule would block; the judge of rules
+    that only log or alert runs after the answer, and its violations are recorded then."""
+    if not decision.pending:
+        return decision
+    if waits(decision):
+        return await _judged(state, info, decision, text, context, where)
+    task = asyncio.ensure_future(_judged(state, info, decision, text, context, where))
+    _AFTER.add(task)
+    task.add_done_callback(_AFTER.discard)
+    return decision
+
+
+async def _judged(
+    state: GatewayState,
+    info: RequestInfo,
+    decision: Decision,
+    text: str,
+    context: Context,
+    where: Where | None,
+) -> Decision:
+    observer = state.observer
+    judged = await state.judge.complete(
+        state.ruleset, decision, text, context, observer.workspace_label(info.workspace or "unresolved")
+    )
+    waiting = {rule.rule_id for rule in decision.pending}
+    new = [violation for violation in judged.decision.violations if violation.rule_id in waiting]
+    if new:
+        observer.violations(
+            judged.decision, new, info, lambda start, end: text[start:end], where, notes=judged.notes
+        )
+        _note_action(info, max(violation.effective_action for violation in new))
+    return judged.decision
 
 
 # Action by label, for the strongest action of a request (an enum lookup by name is a Python call).
@@ -422,6 +471,8 @@ async def inspect_answer(
     texts = inspected.texts
     info = info if info is not None else _info(request)
     decision = decide_with(state, info, Stage.RESPONSE, texts.text, context, texts.path_at)
+    if decision.pending and not decision.blocked:
+        decision = await judge_pending(state, info, decision, texts.text, context, texts.path_at)
     if decision.blocked:
         return json_response(403, block_body(decision))
     return _release(upstream, raw)
@@ -496,6 +547,9 @@ class _StreamForwarder:
         # When the first event with text arrived, and its place among the events: the time it
         # waits before the client gets it is the hold-back's cost to the first word.
         self.first_text: tuple[float, int] | None = None
+        # The whole streamed text, kept only under judge rules: the judge reads it at the end.
+        self.judged: list[str] | None = [] if self.state.ruleset.plan(Stage.RESPONSE).judged else None
+        self.judged_chars = 0
 
     def _lane(self, codec: str) -> _Lane:
         decoder = None if self.sse else codecs.getincrementaldecoder(codec)(errors="replace")
@@ -530,10 +584,25 @@ class _StreamForwarder:
             if not await self.send(events):
                 return
         tail = self.splitter.flush() if self.sse else b""
-        if await self.send([tail] if tail or not self.sse else [], final=True):
+        if await self.send([tail] if tail or not self.sse else [], final=True) and await self.judge_whole():
             for lane in self.lanes:
                 lane.released += len(lane.guard.finish().release)
             await self.release()
+
+    async def judge_whole(self) -> bool:
+        """The judge rules, on the whole streamed text, before what is still held is sent: a
+        block verdict ends the stream there (what was released is the client's already)."""
+        if not self.judged:
+            return True
+        state, text = self.state, "".join(self.judged)
+        try:
+            decision = evaluate(state.ruleset, Stage.RESPONSE, text, self.context)
+            decision = await judge_pending(state, self.info, decision, text, self.context)
+        except Exception as exc:
+            return await self.failed(exc)
+        if decision.blocked:
+            return await self.end(block_body(decision))
+        return True
 
     def _sniff(self, chunk: bytes) -> None:
         """Streamed text that starts with a UTF-16 or UTF-32 byte order mark is read so too."""
@@ -570,6 +639,9 @@ class _StreamForwarder:
                 if self.exchange is not None:
                     _note_streamed(self.exchange, texts[0], None, limit=state.settings.response_limit)
             self.held.append(event)
+            if self.judged is not None and texts[0] and self.judged_chars < state.settings.response_limit:
+                self.judged.append(texts[0])
+                self.judged_chars += len(texts[0])
             if self.first_text is None and texts[0]:
                 self.first_text = (started, self.sent + len(self.held) - 1)
             if side is not None:

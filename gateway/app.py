@@ -20,6 +20,7 @@ from gateway.batches import AfterAnswers
 from gateway.config import Settings
 from gateway.connections import ConnectionGuard, ConnectionLimits, GuardedAppRunner
 from gateway.flashback import INVALID_REQUEST
+from gateway.judge.client import JudgeClient, JudgeSettings
 from gateway.policy import RuleSet
 from gateway.redaction import REDACTOR
 from gateway.reload import Reloader
@@ -46,9 +47,26 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         # Forward only the headers the client sent, not aiohttp's defaults.
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
     )
+    judge_session = None
+    if settings.judge_url is not None:
+        # Its own pool: a slow model must not hold the upstream's connections, nor the reverse.
+        judge_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        state.judge.client = JudgeClient(
+            JudgeSettings(
+                url=settings.judge_url,
+                model=settings.judge_model or "",
+                api_key=settings.judge_api_key,
+                timeout=settings.judge_timeout,
+                max_concurrent=settings.judge_max_concurrent,
+            ),
+            judge_session,
+        )
     yield
     await state.session.close()
     state.session = None
+    if judge_session is not None:
+        state.judge.client = None
+        await judge_session.close()
 
 
 async def _usage(app: web.Application) -> AsyncIterator[None]:

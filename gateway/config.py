@@ -89,6 +89,14 @@ class Settings:
     alerts: AlertConfig = field(default_factory=AlertConfig)
     metrics_workspace_label: bool = False
     metrics_workspace_cap: int = 50
+    # The model that judges ``judge`` rules (OpenAI-compatible chat completions); None: judge
+    # checks get no verdict, and count as their on_error says (fallbacks_total{dependency="judge"}).
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key: str | None = field(default=None, repr=False)  # GATEWAY_JUDGE_API_KEY or a file
+    judge_api_key_file: Path | None = None
+    judge_timeout: float = 10.0
+    judge_max_concurrent: int = 8
     watch_policies: bool = False  # reload when a policy file changes (polled every 2 s)
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     workers: int = 1  # processes serving the same ports (SO_REUSEPORT)
@@ -245,13 +253,27 @@ PARSERS: Mapping[str, Callable[[object], Any]] = {
     "alerts": parse_alert_config,
     "metrics_workspace_label": _bool,
     "metrics_workspace_cap": _positive_int,
+    "judge_url": lambda value: None if value in (None, "") else _upstream(value),
+    "judge_model": _optional_text,
+    "judge_api_key": parse_secret,
+    "judge_api_key_file": _optional_path,
+    "judge_timeout": _positive_float,
+    "judge_max_concurrent": _positive_int,
     "watch_policies": _bool,
     "shutdown_timeout": _positive_float,
     "workers": _positive_int,
 }
 # Settings whose values may hold a password, a token or a key.
 CREDENTIAL_SETTINGS = frozenset(
-    {"upstream", "redis_url", "audit_key", "alerts", *SECRET_FILES.keys(), *SECRET_FILES.values()}
+    {
+        "upstream",
+        "redis_url",
+        "audit_key",
+        "alerts",
+        "judge_url",
+        *SECRET_FILES.keys(),
+        *SECRET_FILES.values(),
+    }
 )
 # Read from these variables too, as the ecosystem names them.
 ENV_ALIASES = {"redis_url": "REDIS_URL"}

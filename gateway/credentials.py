@@ -15,7 +15,11 @@ from typing import Any
 # Long enough that guessing over the network is hopeless; `openssl rand -hex 32` gives 64.
 MIN_SECRET_LENGTH = 16
 # Each secret setting and the setting naming its file; load_settings reads the file into the first.
-SECRET_FILES = {"admin_token": "admin_token_file", "origin_secret": "origin_secret_file"}
+SECRET_FILES = {
+    "admin_token": "admin_token_file",
+    "origin_secret": "origin_secret_file",
+    "judge_api_key": "judge_api_key_file",
+}
 
 # Headers the gateway itself sets or drops on the way upstream (proxy.upstream_headers), and the
 # hop-by-hop ones: none of them can carry the origin secret.

@@ -31,7 +31,16 @@ FALLBACKS = (
     ("workspace", "lookup_failed"),
     ("alerts", "queue_full"),
     ("alerts", "delivery_failed"),
+    # A judge check the model gave no verdict on: counted as its rule's on_error says.
+    *(
+        ("judge", kind)
+        for kind in ("timeout", "unreachable", "rate_limited", "http_error", "malformed", "busy")
+    ),
+    ("judge", "not_configured"),
+    ("judge", "cache_unavailable"),
 )
+# A judge call's result: a verdict on every check (violates if one violates), or why not.
+JUDGE_RESULTS = ("violates", "clean", "error", "timeout")
 # unreachable: no answer (502); timeout: too slow (504); interrupted: an answer broken off (502).
 UPSTREAM_ERRORS = ("unreachable", "timeout", "interrupted")
 # Why the public port closed a client connection of its own accord (gateway.connections).
@@ -131,6 +140,22 @@ class Metrics:
             "or answered 503 over the cap (max_connections).",
             ("reason",), registry=r,
         )  # fmt: skip
+        self.judge_calls = Counter(
+            "policy_gateway_judge_calls", "Calls to the judge model, by result (violates, clean, error, "
+            "timeout).", ("result",), registry=r,
+        )  # fmt: skip
+        self.judge_duration = Histogram(
+            "policy_gateway_judge_duration_seconds", "Time a judge call took, retries included.",
+            buckets=BUCKETS, registry=r,
+        )  # fmt: skip
+        self.judge_cache = Counter(
+            "policy_gateway_judge_cache", "Judge checks answered from the verdict cache (memory, redis) "
+            "or not (miss).", ("result",), registry=r,
+        )  # fmt: skip
+        self.judge_tokens = Counter(
+            "policy_gateway_judge_tokens", "Tokens the judge model was billed for, by kind (prompt, "
+            "completion).", ("kind", *extra), registry=r,
+        )  # fmt: skip
         self._revision: str | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._pending: dict[tuple[Any, tuple[str, ...]], float] = {}
@@ -144,6 +169,10 @@ class Metrics:
             self.uncounted_exchanges.labels(status)
         for result in ("ok", "failed"):
             self.reloads.labels(result)
+        for result in JUDGE_RESULTS:
+            self.judge_calls.labels(result)
+        for result in ("memory", "redis", "miss"):
+            self.judge_cache.labels(result)
         for dependency, reason in FALLBACKS:
             self.fallbacks.labels(dependency, reason)
         for stage in Stage:

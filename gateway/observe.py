@@ -7,7 +7,7 @@ forget the rule that matched text never leaves the gateway.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,7 +66,11 @@ class Observer:
         info: RequestInfo,
         matched: Matched,
         where: Where | None = None,
+        *,
+        notes: Mapping[str, Mapping[str, object]] | None = None,
     ) -> None:
+        """Each violation counted and recorded; ``notes`` adds fields to a rule's record (a
+        judge's explanation: redacted with the rest, since a model may quote the text)."""
         decision_id = new_id()
         workspace = self._workspace_label(info.workspace or "unresolved")
         for violation in violations:
@@ -76,14 +80,19 @@ class Observer:
             ).inc()  # fmt: skip
             # One redaction for the log line, the audit file and the alert: the ids a client
             # chose (conversation, user, workspace, repo) read the same in each.
-            event = REDACTOR.event(
-                violation_event(violation, decision, decision_id, info, matched, self.key, where)
-            )
+            record = violation_event(violation, decision, decision_id, info, matched, self.key, where)
+            if notes and violation.rule_id in notes:
+                record.update(notes[violation.rule_id])
+            event = REDACTOR.event(record)
             log.info("policy.violation", **event)
             if self.audit_file is not None:
                 self.audit_file.write({"event": "policy.violation", "timestamp": _now(), **event})
             if self._alerting(violation) and self.alerts is not None:
                 self.alerts.submit(_alert(violation, event))
+
+    def workspace_label(self, workspace: str) -> tuple[str, ...]:
+        """The workspace label values of a metric (none unless the workspace label is on)."""
+        return self._workspace_label(workspace)
 
     def _workspace_label(self, workspace: str) -> tuple[str, ...]:
         if not self.metrics.workspace_label:

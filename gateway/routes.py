@@ -18,6 +18,7 @@ from gateway.answers import (
     EvaluationFailed,
     decide_with,
     inspect_answer,
+    judge_pending,
     read_bounded,
     withhold_messages,
 )
@@ -371,6 +372,9 @@ async def prompt(
     # Every string of the body, keys included: the backend acts on all of them.
     texts = inspected.texts
     decision = decide_with(state, info, Stage.PROMPT, texts.text, context, texts.path_at)
+    if decision.pending and not decision.blocked:
+        # Only when no cheap rule blocked it: a block needs no verdict.
+        decision = await judge_pending(state, info, decision, texts.text, context, texts.path_at)
     if decision.blocked:
         return json_response(403, block_body(decision))
     exchange.forwarded = True

@@ -9,6 +9,8 @@ from aiohttp import web
 
 from gateway.alerts import AlertDispatcher
 from gateway.config import Settings
+from gateway.judge.cache import VerdictCache
+from gateway.judge.runner import JudgeRunner
 from gateway.metrics import Metrics
 from gateway.observe import Observer
 from gateway.policy import RuleSet, Stage
@@ -17,7 +19,7 @@ from gateway.redaction import REDACTOR
 from gateway.usage.accounting import Accountant
 from gateway.usage.memory_store import MemoryUsageStore
 from gateway.usage.quota import QuotaGate
-from gateway.usage.redis_store import RedisUsageStore
+from gateway.usage.redis_store import RedisUsageStore, connect
 from gateway.usage.store import UsageStore
 from gateway.usage.tokens import TokenCounter
 from gateway.usage.workspaces import WorkspaceDirectory, WorkspaceResolver
@@ -31,6 +33,17 @@ def make_store(settings: Settings, observer: Observer) -> UsageStore:
         timeout=settings.redis_timeout,
         buffer_limit=settings.usage_buffer,
         on_fallback=lambda reason: observer.fallback("redis", reason),
+    )
+
+
+def make_verdict_cache(settings: Settings, observer: Observer) -> VerdictCache:
+    """In memory, and shared through Redis when usage is counted there (the same server)."""
+    redis = None if settings.redis_url is None else connect(settings.redis_url, settings.redis_timeout)
+    return VerdictCache(
+        observer.key,
+        redis=redis,
+        timeout=settings.redis_timeout,
+        on_error=lambda reason: observer.fallback("judge", "cache_unavailable"),
     )
 
 
@@ -65,6 +78,8 @@ class GatewayState:
     accountant: Accountant = field(init=False)
     quota: QuotaGate = field(init=False)
     resolver: WorkspaceResolver = field(init=False)
+    # Completes decisions that wait on the judge; its model client exists while the app runs.
+    judge: JudgeRunner = field(init=False)
     _session: aiohttp.ClientSession | None = None
 
     def __post_init__(self) -> None:
@@ -82,6 +97,12 @@ class GatewayState:
             fail_closed=settings.quota_fail_closed,
             margin=settings.quota_margin,
             on_unchecked=lambda: self.observer.fallback("redis", "quota_unchecked"),
+        )
+        self.judge = JudgeRunner(
+            None,
+            make_verdict_cache(settings, self.observer),
+            self.observer.metrics,
+            settings.judge_model or "",
         )
         self.resolver = WorkspaceResolver(
             WorkspaceDirectory(cache_ttl=settings.workspace_cache_ttl),

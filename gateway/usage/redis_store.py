@@ -113,7 +113,7 @@ return results
 """
 
 
-def _connect(url: str, timeout: float) -> Redis | RedisCluster:
+def connect(url: str, timeout: float) -> Redis | RedisCluster:
     """A client for ``url``; ``redis+cluster://`` and ``rediss+cluster://`` mean Redis Cluster."""
     options: dict[str, Any] = {
         "socket_timeout": timeout,
@@ -152,7 +152,7 @@ class RedisUsageStore:
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain '{' or '}': the workspace is the hash tag")
-        self._client = _connect(url, timeout)
+        self._client = connect(url, timeout)
         self._script = self._client.register_script(RECORD_SCRIPT)
         self._timeout = timeout
         self._buffer_limit = buffer_limit

@@ -76,3 +76,10 @@ def model_app(server: ModelServer) -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", server.handle)
     return app
+
+
+if __name__ == "__main__":
+    # A stand-in judge for trying judge rules by hand (README): python tests/judge_fixtures.py PORT
+    import sys
+
+    web.run_app(model_app(ModelServer()), host="127.0.0.1", port=int(sys.argv[1]), print=None)

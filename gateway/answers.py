@@ -18,7 +18,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ from gateway.flashback import (
     withheld_notice,
 )
 from gateway.json_texts import Texts, TooDeep, collect, join
-from gateway.judge.runner import waits
+from gateway.judge.runner import Judged, waits
 from gateway.observe import Where
 from gateway.policy import Action, Context, Decision, Stage, evaluate
 from gateway.proxy import (
@@ -149,8 +149,34 @@ def _report(
 
 
 # Judge calls whose verdicts come after the answer: kept until done (a task without a
-# reference may be collected), and awaited at shutdown by the event loop's own cleanup.
+# reference may be collected), and awaited at shutdown (``judged_after``) before the audit
+# file, the alerts and the judge's session close.
 _AFTER: set[asyncio.Task[Decision]] = set()
+
+
+async def decide_judged(
+    state: GatewayState,
+    info: RequestInfo,
+    stage: Stage,
+    text: str,
+    context: Context,
+    where: Where | None = None,
+) -> Decision:
+    """``decide_with``, completed by the judge. A pending rule that would block is waited for
+    (unless a cheap rule blocked already), and the decision is counted once, complete: a text
+    the judge blocks counts as a block, not as allowed. The judge of rules that only log or
+    alert runs after the answer, and records its violations then."""
+    decision = _judge(state, info, stage, text, context)
+    if decision.pending and not decision.blocked and waits(decision):
+        judged = await _complete(state, info, decision, text, context)
+        decision = judged.decision
+        state.observer.decision(decision, info, _slicer(text), where, notes=judged.notes)
+        _note_action(info, decision.action)
+        return decision
+    _report(state, info, decision, text, where)
+    if decision.pending and not decision.blocked:
+        _after(_judged(state, info, decision, text, context, where))
+    return decision
 
 
 async def judge_pending(
@@ -161,16 +187,43 @@ async def judge_pending(
     context: Context,
     where: Where | None = None,
 ) -> Decision:
-    """``decision``, completed by the judge when a pending rule would block; the judge of rules
-    that only log or alert runs after the answer, and its violations are recorded then."""
+    """``decision`` (already reported), completed by the judge when a pending rule would block;
+    the judge of rules that only log or alert runs after the answer, and its violations are
+    recorded then."""
     if not decision.pending:
         return decision
     if waits(decision):
         return await _judged(state, info, decision, text, context, where)
-    task = asyncio.ensure_future(_judged(state, info, decision, text, context, where))
-    _AFTER.add(task)
-    task.add_done_callback(_AFTER.discard)
+    _after(_judged(state, info, decision, text, context, where))
     return decision
+
+
+def _after(judging: Coroutine[Any, Any, Decision]) -> None:
+    task = asyncio.ensure_future(judging)
+    _AFTER.add(task)
+    task.add_done_callback(_after_done)
+
+
+def _after_done(task: asyncio.Task[Decision]) -> None:
+    _AFTER.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        # SECURITY: only the type: the exception's text may quote the judged text.
+        log.error("judging after the answer failed: %s", type(task.exception()).__name__)
+
+
+async def judged_after(timeout: float) -> None:
+    """Wait (at most ``timeout`` seconds) for the judge calls still out after their answers."""
+    if _AFTER:
+        await asyncio.wait(set(_AFTER), timeout=timeout)
+
+
+async def _complete(
+    state: GatewayState, info: RequestInfo, decision: Decision, text: str, context: Context
+) -> Judged:
+    observer = state.observer
+    return await state.judge.complete(
+        state.ruleset, decision, text, context, observer.workspace_label(info.workspace or "unresolved")
+    )
 
 
 async def _judged(
@@ -181,16 +234,13 @@ async def _judged(
     context: Context,
     where: Where | None,
 ) -> Decision:
-    observer = state.observer
-    judged = await state.judge.complete(
-        state.ruleset, decision, text, context, observer.workspace_label(info.workspace or "unresolved")
-    )
+    """``decision`` completed, and the violations of its pending rules recorded (the rest of it
+    was reported already)."""
+    judged = await _complete(state, info, decision, text, context)
     waiting = {rule.rule_id for rule in decision.pending}
     new = [violation for violation in judged.decision.violations if violation.rule_id in waiting]
     if new:
-        observer.violations(
-            judged.decision, new, info, lambda start, end: text[start:end], where, notes=judged.notes
-        )
+        state.observer.violations(judged.decision, new, info, _slicer(text), where, notes=judged.notes)
         _note_action(info, max(violation.effective_action for violation in new))
     return judged.decision
 
@@ -470,9 +520,7 @@ async def inspect_answer(
         exchange.note_reported(inspected.payload)
     texts = inspected.texts
     info = info if info is not None else _info(request)
-    decision = decide_with(state, info, Stage.RESPONSE, texts.text, context, texts.path_at)
-    if decision.pending and not decision.blocked:
-        decision = await judge_pending(state, info, decision, texts.text, context, texts.path_at)
+    decision = await decide_judged(state, info, Stage.RESPONSE, texts.text, context, texts.path_at)
     if decision.blocked:
         return json_response(403, block_body(decision))
     return _release(upstream, raw)
@@ -548,8 +596,12 @@ class _StreamForwarder:
         # waits before the client gets it is the hold-back's cost to the first word.
         self.first_text: tuple[float, int] | None = None
         # The whole streamed text, kept only under judge rules: the judge reads it at the end.
-        self.judged: list[str] | None = [] if self.state.ruleset.plan(Stage.RESPONSE).judged else None
+        rules = self.state.ruleset.plan(Stage.RESPONSE)
+        self.judged: list[str] | None = [] if rules.judged else None
         self.judged_chars = 0
+        # Under a judge rule that may block, the last event is held until the verdict: else the
+        # stream's own end (`[DONE]`, the last chunk) reaches the client before a block can.
+        self.hold_last = any(rules.rules[i].rule.effective_action is Action.BLOCK for i in rules.judged)
 
     def _lane(self, codec: str) -> _Lane:
         decoder = None if self.sse else codecs.getincrementaldecoder(codec)(errors="replace")
@@ -585,6 +637,7 @@ class _StreamForwarder:
                 return
         tail = self.splitter.flush() if self.sse else b""
         if await self.send([tail] if tail or not self.sse else [], final=True) and await self.judge_whole():
+            self.hold_last = False
             for lane in self.lanes:
                 lane.released += len(lane.guard.finish().release)
             await self.release()
@@ -680,6 +733,8 @@ class _StreamForwarder:
     async def release(self) -> None:
         """Send the events every reading has let go, in order."""
         upto = min(lane.released for lane in self.lanes)
+        if self.hold_last:
+            upto = min(upto, self.sent + len(self.held) - 1)
         while self.sent < upto:
             await self.response.write(self.held.popleft())
             self.sent += 1
@@ -723,6 +778,10 @@ class _StreamForwarder:
         (all of its text was evaluated, and no later text can complete a match with it), then
         an error the client can read. An event the upstream left unfinished is not sent."""
         body = answer_cut_short(self.request, exc)
+        # What is held is released only once the judge, where one may block, has read it.
+        if not await self.judge_whole():
+            return
+        self.hold_last = False
         for lane in self.lanes:
             lane.released += len(lane.guard.finish().release)
         await self.release()

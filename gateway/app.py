@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.admin_auth import AdminToken, admin_auth, warn_if_exposed
+from gateway.answers import judged_after
 from gateway.audit import AuditFile
 from gateway.batches import AfterAnswers
 from gateway.config import Settings
@@ -98,6 +99,14 @@ async def _audit_and_alerts(app: web.Application) -> AsyncIterator[None]:
         observer.audit_file.close()
 
 
+async def _judged_after(app: web.Application) -> AsyncIterator[None]:
+    yield
+    # Verdicts of log and alert rules still coming in are recorded before the audit file, the
+    # alerts and the judge's session close; each call is bounded by judge_timeout.
+    settings = app[STATE].settings
+    await judged_after(settings.judge_timeout + settings.redis_timeout + 1.0)
+
+
 # SECURITY: request bodies reach the handlers as the client sent them. The prompt route decodes
 # its body itself, as the backend would, and forwards what it decoded; every other route
 # forwards the bytes with their own Content-Encoding. (aiohttp would otherwise inflate every
@@ -111,6 +120,7 @@ def build_public_app(state: GatewayState) -> web.Application:
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_usage)
     app.cleanup_ctx.append(_audit_and_alerts)
+    app.cleanup_ctx.append(_judged_after)  # last in, so first out
     app[AFTER_ANSWERS] = AfterAnswers(completed, state.observer.metrics.flush)
     app.middlewares.append(observe_requests)
     add_routes(app)

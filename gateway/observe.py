@@ -48,12 +48,18 @@ class Observer:
         self.metrics.load_ruleset(ruleset)
 
     def decision(
-        self, decision: Decision, info: RequestInfo, matched: Matched, where: Where | None = None
+        self,
+        decision: Decision,
+        info: RequestInfo,
+        matched: Matched,
+        where: Where | None = None,
+        *,
+        notes: Mapping[str, Mapping[str, object]] | None = None,
     ) -> None:
         metrics = self.metrics
         metrics.count(metrics.decisions, _DECISION_LABELS[decision.stage._value_, decision.action])
         if decision.violations:
-            self.violations(decision, decision.violations, info, matched, where)
+            self.violations(decision, decision.violations, info, matched, where, notes=notes)
 
     def stream_decision(self, stage: Stage, action: Action) -> None:
         """A streamed answer counts as one decision, its strongest action, when it ends."""

@@ -16,9 +16,8 @@ from gateway import jsonlib
 from gateway.answers import (
     AnswerTooLarge,
     EvaluationFailed,
-    decide_with,
+    decide_judged,
     inspect_answer,
-    judge_pending,
     read_bounded,
     withhold_messages,
 )
@@ -371,10 +370,8 @@ async def prompt(
     info.exchange = exchange
     # Every string of the body, keys included: the backend acts on all of them.
     texts = inspected.texts
-    decision = decide_with(state, info, Stage.PROMPT, texts.text, context, texts.path_at)
-    if decision.pending and not decision.blocked:
-        # Only when no cheap rule blocked it: a block needs no verdict.
-        decision = await judge_pending(state, info, decision, texts.text, context, texts.path_at)
+    # A block judge rule is waited for here, before forwarding, unless a cheap rule blocked.
+    decision = await decide_judged(state, info, Stage.PROMPT, texts.text, context, texts.path_at)
     if decision.blocked:
         return json_response(403, block_body(decision))
     exchange.forwarded = True

@@ -154,7 +154,7 @@ def _report(
 _AFTER: set[asyncio.Task[Decision]] = set()
 
 
-async def decide_judged(
+def decide_first(
     state: GatewayState,
     info: RequestInfo,
     stage: Stage,
@@ -162,20 +162,46 @@ async def decide_judged(
     context: Context,
     where: Where | None = None,
 ) -> Decision:
-    """``decide_with``, completed by the judge. A pending rule that would block is waited for
-    (unless a cheap rule blocked already), and the decision is counted once, complete: a text
-    the judge blocks counts as a block, not as allowed. The judge of rules that only log or
-    alert runs after the answer, and records its violations then."""
+    """``decide_with``, unless a pending rule would block (and no cheap rule did): that decision
+    is returned unreported, for ``decide_judged`` to complete, count and record once. The judge
+    of rules that only log or alert runs after the answer, and records its violations then.
+    Synchronous: most texts leave nothing pending, and pay for no coroutine."""
     decision = _judge(state, info, stage, text, context)
-    if decision.pending and not decision.blocked and waits(decision):
-        judged = await _complete(state, info, decision, text, context)
-        decision = judged.decision
-        state.observer.decision(decision, info, _slicer(text), where, notes=judged.notes)
-        _note_action(info, decision.action)
+    if decision.pending and not decision.blocked:
+        if waits(decision):
+            return decision
+        _report(state, info, decision, text, where)
+        _after(_judged(state, info, decision, text, context, where))
         return decision
     _report(state, info, decision, text, where)
-    if decision.pending and not decision.blocked:
-        _after(_judged(state, info, decision, text, context, where))
+    return decision
+
+
+def must_wait(decision: Decision) -> bool:
+    """Whether ``decide_first`` left the decision to ``decide_judged``."""
+    return bool(decision.pending) and not decision.blocked and waits(decision)
+
+
+async def decide_judged(
+    state: GatewayState,
+    info: RequestInfo,
+    decision: Decision,
+    text: str,
+    context: Context,
+    where: Where | None = None,
+) -> Decision:
+    """A decision ``decide_first`` left waiting, completed by the judge, counted once (a text
+    the judge blocks counts as a block, not as allowed) and recorded. Fails closed
+    (``EvaluationFailed``) if completing it fails: what was not evaluated is not forwarded."""
+    try:
+        judged = await _complete(state, info, decision, text, context)
+    except Exception as exc:
+        state.observer.fallback("policy", "evaluation_error")
+        log.error("completing a decision with the judge failed: %s", type(exc).__name__)
+        raise EvaluationFailed from None
+    decision = judged.decision
+    state.observer.decision(decision, info, _slicer(text), where, notes=judged.notes)
+    _note_action(info, decision.action)
     return decision
 
 
@@ -520,7 +546,9 @@ async def inspect_answer(
         exchange.note_reported(inspected.payload)
     texts = inspected.texts
     info = info if info is not None else _info(request)
-    decision = await decide_judged(state, info, Stage.RESPONSE, texts.text, context, texts.path_at)
+    decision = decide_first(state, info, Stage.RESPONSE, texts.text, context, texts.path_at)
+    if must_wait(decision):
+        decision = await decide_judged(state, info, decision, texts.text, context, texts.path_at)
     if decision.blocked:
         return json_response(403, block_body(decision))
     return _release(upstream, raw)
@@ -835,6 +863,12 @@ async def withhold_messages(
         return upstream_failure(request, broken.cause, answering=True)
     texts = inspected.texts
     decision = decide(request, Stage.RESPONSE, texts.text, context, texts.path_at)
+    if decision.pending:
+        # A conversation's history is not sent to the judge (each of its texts was judged as it
+        # passed): counted, never as passed.
+        request.app[STATE].observer.metrics.fallbacks.labels("judge", "history_not_judged").inc(
+            len(decision.pending)
+        )
     if not decision.blocked:
         return _release(upstream, raw)
     payload = inspected.payload

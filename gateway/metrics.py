@@ -37,6 +37,7 @@ FALLBACKS = (
         for kind in ("timeout", "unreachable", "rate_limited", "http_error", "malformed", "busy")
     ),
     ("judge", "not_configured"),
+    ("judge", "history_not_judged"),
     ("judge", "cache_unavailable"),
 )
 # A judge call's result: a verdict on every check (violates if one violates), or why not.

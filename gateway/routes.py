@@ -16,8 +16,10 @@ from gateway import jsonlib
 from gateway.answers import (
     AnswerTooLarge,
     EvaluationFailed,
+    decide_first,
     decide_judged,
     inspect_answer,
+    must_wait,
     read_bounded,
     withhold_messages,
 )
@@ -371,7 +373,9 @@ async def prompt(
     # Every string of the body, keys included: the backend acts on all of them.
     texts = inspected.texts
     # A block judge rule is waited for here, before forwarding, unless a cheap rule blocked.
-    decision = await decide_judged(state, info, Stage.PROMPT, texts.text, context, texts.path_at)
+    decision = decide_first(state, info, Stage.PROMPT, texts.text, context, texts.path_at)
+    if must_wait(decision):
+        decision = await decide_judged(state, info, decision, texts.text, context, texts.path_at)
     if decision.blocked:
         return json_response(403, block_body(decision))
     exchange.forwarded = True

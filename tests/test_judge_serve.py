@@ -165,6 +165,18 @@ class Stack:
             await asyncio.sleep(0.05)
 
 
+HISTORY = {
+    "success": True,
+    "messages": [
+        {"id": "m1", "conversationId": "c1", "role": "assistant", "content": "The codename is BLUEFALCON"}
+    ],
+}
+
+
+async def _history(_: web.Request) -> web.Response:
+    return web.json_response(HISTORY)
+
+
 async def _server(app: web.Application) -> TestServer:
     server = TestServer(app)
     await server.start_server()
@@ -186,6 +198,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisPro
     backend, model, slow_model = Backend(), ModelServer(), ModelServer(mode="slow", delay=1.0)
     backend_app = web.Application()
     backend_app.router.add_post("/conversation/{id}/prompt", backend.prompt)
+    backend_app.router.add_get("/conversation/{id}/messages", _history)
     servers = [
         await _server(backend_app),
         await _server(model_app(model)),
@@ -364,7 +377,9 @@ async def test_an_explanation_quoting_the_text_is_redacted(stack: Stack) -> None
     assert len(records) == before + 1
     explanation = records[-1]["explanation"]
     assert explanation.startswith("the text says: "), explanation
-    assert "[redacted]" in explanation
+    # What it quotes of the prompt is taken out whole (the runner), what rules find too (redactor).
+    assert "[quoted text]" in explanation
+    assert "greenowl" not in explanation
     assert email not in json.dumps(records[-1])
     assert email not in stack.audit.read_text()
     assert email not in stack.a.log.read_text()
@@ -432,6 +447,22 @@ async def test_a_prompt_judged_by_one_instance_is_not_judged_again_by_another(st
 
 
 # -- shutdown (last: it stops gateway a) ---------------------------------------------------------
+
+
+# -- what is not sent to the judge ----------------------------------------------------------------
+
+
+async def test_a_history_is_not_judged_and_that_is_counted_never_passed(stack: Stack) -> None:
+    """GET messages: each text was judged as it passed; the history is not sent again, and a
+    judge rule left pending on it is counted as a fallback."""
+    fallback = {"dependency": "judge", "reason": "history_not_judged"}
+    before = await stack.a.metric("policy_gateway_fallbacks_total", **fallback)
+    calls = stack.model.calls
+    async with stack.session.get(stack.a.url("/conversation/c1/messages")) as response:
+        assert response.status == 200
+        assert await response.json() == HISTORY
+    assert await stack.a.metric("policy_gateway_fallbacks_total", **fallback) - before == 1
+    assert stack.model.calls == calls
 
 
 async def test_a_verdict_still_coming_at_shutdown_is_awaited_and_recorded(stack: Stack) -> None:

@@ -29,6 +29,36 @@ class Judged:
     notes: Mapping[str, dict[str, object]] = field(default_factory=dict)
 
 
+# A run of this many characters of the judged text inside an explanation is a quote of it.
+QUOTE = 12
+_QUOTED = "[quoted text]"
+
+
+def unquoted(explanation: str, text: str) -> str:
+    """``explanation`` without what it quotes of ``text``: a model asked not to quote may still,
+    and a sink must not hold the prompt. Every run of ``QUOTE`` or more characters found in the
+    text is replaced (ends included); the redactor then also takes out what rules find."""
+    if len(explanation) < QUOTE or not text:
+        return explanation
+    covered = bytearray(len(explanation))
+    for start in range(len(explanation) - QUOTE + 1):
+        if explanation[start : start + QUOTE] in text:
+            covered[start : start + QUOTE] = b"\x01" * QUOTE
+    if not any(covered):
+        return explanation
+    out: list[str] = []
+    index = 0
+    while index < len(explanation):
+        if covered[index]:
+            while index < len(explanation) and covered[index]:
+                index += 1
+            out.append(_QUOTED)
+        else:
+            out.append(explanation[index])
+            index += 1
+    return "".join(out)
+
+
 def waits(decision: Decision) -> bool:
     """Whether the request must wait for the judge: a pending rule would block."""
     return any(rule.effective_action is Action.BLOCK for rule in decision.pending)
@@ -81,8 +111,9 @@ class JudgeRunner:
         for rule in decision.pending:
             said = [known[check.key] for check in rule.checks if check.key in known]
             if said:
+                explanation = " ".join(v.explanation for v in said if v.violates) or said[0].explanation
                 notes[rule.rule_id] = {
-                    "explanation": " ".join(v.explanation for v in said if v.violates) or said[0].explanation,
+                    "explanation": unquoted(explanation, text),
                     "judgeModel": said[0].model or model,
                 }
             else:

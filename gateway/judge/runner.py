@@ -98,13 +98,16 @@ class JudgeRunner:
             metrics.judge_cache.labels("memory").inc(stats.memory_hits - memory)
             metrics.judge_cache.labels("redis").inc(stats.redis_hits - redis)
         asked = [check for key, check in checks.items() if key not in known]
+        asked_keys = {check.key for check in asked}
         metrics.judge_cache.labels("miss").inc(len(asked))
         model = ""
+        started = time.perf_counter()
         if asked:
             fresh, model = await self._ask(text, asked, workspace)
             known.update(fresh)
             if fresh and self.cache is not None:
                 await self.cache.store(f"{decision.revision}/{self.model}", text, fresh)
+        waited = round((time.perf_counter() - started) * 1000, 3)
         verdicts = {key: verdict.violates for key, verdict in known.items()}
         completed = complete(ruleset, decision, text, verdicts, context)
         notes: dict[str, dict[str, object]] = {}
@@ -115,9 +118,12 @@ class JudgeRunner:
                 notes[rule.rule_id] = {
                     "explanation": unquoted(explanation, text),
                     "judgeModel": said[0].model or model,
+                    # The model's call, or the cache's answer when every verdict was in it.
+                    "judgeMs": waited,
+                    "judgeCached": all(check.key not in asked_keys for check in rule.checks),
                 }
             else:
-                notes[rule.rule_id] = {"judgeError": True}
+                notes[rule.rule_id] = {"judgeError": True, "judgeMs": waited}
         return Judged(completed, notes)
 
     async def _ask(

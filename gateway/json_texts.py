@@ -18,6 +18,10 @@ from typing import Any
 # Pieces are joined on a line break: patterns that stop at a line end do not run from one
 # field into the next, and a match that does span two fields errs towards being reported.
 SEPARATOR = "\n"
+# An object's key and its string or number value are joined as a client showing the JSON
+# reads them, the name beside its value: a rule that needs a secret's name before the secret
+# ("GEMINI_API_KEY": "AIza...") matches there, though the strings are read apart.
+MEMBER = ": "
 # Deeper than any message of the conversation API; a deeper body is refused, not walked.
 MAX_DEPTH = 64
 
@@ -73,8 +77,9 @@ def collect(
     pieces: list[str] = []
     paths: list[str] = []
     found: list[str] = []
-    _walk(value, root, 0, max_depth, pieces, paths, tuple(fields), found, apart)
-    return _texts(pieces, paths, tuple(found))
+    members: list[int] = []
+    _walk(value, root, 0, max_depth, pieces, paths, tuple(fields), found, apart, members)
+    return _texts(pieces, paths, tuple(found), members)
 
 
 def piece(text: str, path: str) -> Texts:
@@ -97,13 +102,28 @@ def join(parts: Sequence[Texts]) -> Texts:
     return Texts(text, tuple(starts), tuple(paths), tuple(f for part in parts for f in part.fields))
 
 
-def _texts(pieces: list[str], paths: list[str], found: tuple[str, ...] = ()) -> Texts:
+def _texts(
+    pieces: list[str], paths: list[str], found: tuple[str, ...] = (), members: list[int] | None = None
+) -> Texts:
+    """The pieces joined; those listed in ``members`` (a value after its key) by ``MEMBER``."""
     starts: list[int] = []
     offset = 0
-    for text in pieces:
+    if not members:
+        for text in pieces:
+            starts.append(offset)
+            offset += len(text) + len(SEPARATOR)
+        return Texts(SEPARATOR.join(pieces), tuple(starts), tuple(paths), found)
+    joined: list[str] = []
+    after = set(members)
+    for index, text in enumerate(pieces):
+        if index:
+            separator = MEMBER if index in after else SEPARATOR
+            joined.append(separator)
+            offset += len(separator)
         starts.append(offset)
-        offset += len(text) + len(SEPARATOR)
-    return Texts(SEPARATOR.join(pieces), tuple(starts), tuple(paths), found)
+        joined.append(text)
+        offset += len(text)
+    return Texts("".join(joined), tuple(starts), tuple(paths), found)
 
 
 # The paths of plain-word keys, worked out once: the same few keys come in every body and
@@ -138,6 +158,7 @@ def _walk(
     cursors: tuple[tuple[str, ...], ...],
     found: list[str],
     apart: bool,
+    members: list[int],
 ) -> None:
     # ``cursors``: what is left of each field path that led here; () means one ends here.
     # Strings, numbers, booleans and nulls inside an object or a list are taken here rather
@@ -169,13 +190,15 @@ def _walk(
                         found.append(item)
                     if apart:
                         continue
+                members.append(len(pieces))
                 pieces.append(item)
                 paths.append(where)
             elif kind is int or kind is float:
+                members.append(len(pieces))
                 pieces.append(repr(item))
                 paths.append(where)
             elif item is not None and kind is not bool:
-                _walk(item, where, depth, limit, pieces, paths, inner, found, apart)
+                _walk(item, where, depth, limit, pieces, paths, inner, found, apart, members)
     elif isinstance(value, list):
         if depth >= limit:
             raise TooDeep(f"JSON nested deeper than {limit} levels")
@@ -188,7 +211,7 @@ def _walk(
                 pieces.append(item)
                 paths.append(f"{path}[{index}]")
             elif item is not None and kind is not bool:
-                _walk(item, f"{path}[{index}]", depth, limit, pieces, paths, inner, found, apart)
+                _walk(item, f"{path}[{index}]", depth, limit, pieces, paths, inner, found, apart, members)
     elif isinstance(value, int | float) and not isinstance(value, bool):
         # A card or account number is as readable in a number as in a string.
         pieces.append(repr(value))

@@ -33,6 +33,9 @@ ESCAPED_KEY = "\\u0041KIAIOSFODNN7EXAMPLE"  # the same key as JSON text may spel
 GHP = "ghp_Xq2dM4tVn8Lk1RbZ7yW3cPf6HsJ0aEo9Gu5T"
 ESCAPED_GHP = "\\u0067hp_Xq2dM4tVn8Lk1RbZ7yW3cPf6HsJ0aEo9Gu5T"
 CARD = 4111111111111111
+# Keys a rule takes only after their name: in JSON the name may be the member's key.
+GEMINI = "AIzaSy_n0wYW68pFQkBeDDGV6E4UN_6Gv7pw08C"
+AWS_SECRET = "G6oEYNabB4ILBVXMxF/CxC3ZrGO3gLc+X0PQuRxy"
 # No piece of a canary, in any reading of the bytes the client got.
 FRAGMENTS = ("AKIA", "IOSFODNN7EXAMPLE", "ghp_Xq2d", "Vn8Lk1RbZ7yW3cPf6HsJ0aEo9Gu5T", str(CARD))
 # A key of [A-Z2-7] that plain-text data can spell with JSON numbers.
@@ -45,6 +48,9 @@ policies:
      match: {regex: '\bgh[pousr]_[A-Za-z0-9]{36,255}\b'}}
   - {id: t.card, name: Test card, severity: high, action: block, match: {regex: '\b4111111111111111\b'}}
   - {id: t.ticket, name: Ticket, severity: low, action: alert, match: {regex: 'TICKET-\d+'}}
+  # As the pack's named-key rules: only after the key's name (GEMINI_API_KEY=..., "api_key": ...).
+  - {id: t.named, name: Named key, severity: high, action: block,
+     match: {regex: '(?i)(?:api_key|secret_access_key)["'']?\s*[:=]\s*["'']?(?P<v>[A-Za-z0-9/+_-]{30,})'}}
 """
 
 JSON = (("Content-Type", "application/json"),)
@@ -134,6 +140,13 @@ WHOLE = [
         "a key in an object key is blocked"),
     row("prompt", Answer(body=js({"success": True, "result": {"card": CARD}})), BLOCKED,
         "a card number in a JSON number is blocked"),
+    # A key named by its JSON key: a client showing the JSON reads the name beside the value.
+    row("prompt", Answer(body=js({"success": True, "config": {"GEMINI_API_KEY": GEMINI}})), BLOCKED,
+        "a key named by the key of its JSON member is blocked"),
+    row("prompt", Answer(body=b'{"env": {"GEMINI_API_KEY": "\\u0041' + GEMINI[1:].encode() + b'"}}'), BLOCKED,
+        "a JSON-escaped key named by the key of its member is blocked"),
+    row("prompt", Answer(body=js([{"aws_secret_access_key": AWS_SECRET}])), BLOCKED,
+        "a secret named by its member's key inside a list is blocked"),
     row("prompt", Answer(body=b'{"success": true, "detail": "' + ESCAPED_KEY.encode() + b'"}'), BLOCKED,
         "a JSON-escaped key in an unlisted field is blocked"),
     row("prompt", Answer(body=b'{"message": "' + ESCAPED_GHP.encode() + b'"}'), BLOCKED,
@@ -216,6 +229,11 @@ WHOLE = [
 
 
 STREAMS = [
+    row("prompt", Answer(headers=SSE, chunks=(event({"GEMINI_API_KEY": GEMINI}),)), STREAM_BLOCKED,
+        "an event whose member's key names the key it holds is blocked"),
+    row("prompt", Answer(headers=SSE, chunks=(b'data: {"GEMINI_API_KEY": "\\u0041' + GEMINI[1:].encode()
+                                               + b'"}\n\n',)),
+        STREAM_BLOCKED, "the same with the key JSON-escaped is blocked"),
     row("prompt", Answer(headers=SSE, chunks=(b'data: "' + ESCAPED_KEY.encode() + b'"\n\n',)), STREAM_BLOCKED,
         "an SSE data payload that is a JSON string is decoded and blocked"),
     row("prompt", Answer(headers=SSE, chunks=(anthropic("here "), anthropic(KEY), anthropic(" end"))),
@@ -597,25 +615,29 @@ def test_collect_lists_the_answer_fields_and_can_leave_them_out_of_the_text() ->
     fields = (parse_field_path("choices[].delta.content"), parse_field_path("id.x"))
     whole = collect(value, fields=fields)
     assert whole.fields == ("a", "b")
-    assert whole.text == "id\nc1\nchoices\ndelta\ncontent\na\ndelta\ncontent\nb\nn\n1"
+    # A key and its string or number value read as a client showing the JSON reads them.
+    assert whole.text == "id: c1\nchoices\ndelta\ncontent: a\ndelta\ncontent: b\nn: 1"
     apart = collect(value, fields=fields, apart=True, root="data")
     assert apart.fields == ("a", "b")
-    assert apart.text == "id\nc1\nchoices\ndelta\ncontent\ndelta\ncontent\nn\n1"
-    assert apart.path_at(apart.text.index("n\n1") + 2) == "data.choices[1].delta.n"
+    assert apart.text == "id: c1\nchoices\ndelta\ncontent\ndelta\ncontent\nn: 1"
+    assert apart.path_at(apart.text.index("n: 1") + 3) == "data.choices[1].delta.n"
+    assert apart.path_at(apart.text.index("n: 1")) == "data.choices[1].delta.n (key)"
 
 
 def test_paths_between_names_every_piece_a_span_touches() -> None:
     """A match running over a separator belongs to both pieces; one inside a piece to that one."""
-    texts = collect({"a": "xx", "b": ["yy", "zz"]})  # a\nxx\nb\nyy\nzz
-    assert texts.paths_between(2, 4) == ["$.a"]
-    assert texts.paths_between(3, 6) == ["$.a", "$.b (key)"]
+    texts = collect({"a": "xx", "b": ["yy", "zz"]})  # a: xx\nb\nyy\nzz
+    assert texts.text == "a: xx\nb\nyy\nzz"
+    assert texts.paths_between(3, 5) == ["$.a"]
+    assert texts.paths_between(4, 7) == ["$.a", "$.b (key)"]
+    assert texts.paths_between(0, 4) == ["$.a (key)", "$.a"]
     assert texts.paths_between(0, len(texts.text)) == ["$.a (key)", "$.a", "$.b (key)", "$.b[0]", "$.b[1]"]
-    assert texts.paths_between(5, 5) == ["$.b (key)"]
+    assert texts.paths_between(6, 6) == ["$.b (key)"]
 
 
 def test_join_keeps_each_part_s_paths_at_their_offsets() -> None:
     """Joined texts map an offset back to the part, and the path within it, it came from."""
     first, second = collect({"k": "v"}), collect(["w"], root="utf-16-le:$")
     joined = join((first, second))
-    assert joined.text == "k\nv\nw"
-    assert [joined.path_at(i) for i in (0, 2, 4)] == ["$.k (key)", "$.k", "utf-16-le:$[0]"]
+    assert joined.text == "k: v\nw"
+    assert [joined.path_at(i) for i in (0, 3, 5)] == ["$.k (key)", "$.k", "utf-16-le:$[0]"]

@@ -366,7 +366,8 @@ async def test_an_alert_judge_rule_does_not_delay_the_answer_and_is_audited_late
     assert record["explanation"] == "mentions GREENOWL"
     assert record["judgeModel"] == "stand-in-1"
     # The record says how long the verdict took (the model was slowed), and that it was asked.
-    assert record["judgeMs"] >= 1000 and record["judgeCached"] is False
+    assert record["judgeMs"] >= 1000
+    assert record["judgeCached"] is False
 
 
 async def test_an_explanation_quoting_the_text_is_redacted(stack: Stack) -> None:

@@ -23,6 +23,8 @@ from tests.express_fixtures import ExpressBackend
 from tests.proxy_fixtures import start_gateway
 
 CANARY = "AKIAIOSFODNN7EXAMPLE"
+# A key the pack takes only after its name (secrets.gcp-api-key): in JSON the name may be a key.
+NAMED = "AIzaSy_n0wYW68pFQkBeDDGV6E4UN_6Gv7pw08C"
 GITHUB = "ghp_" + "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5"
 
 
@@ -248,6 +250,17 @@ ATTACKS = [
     ),
     pytest.param(Attempt("/conversation/c1/prompt", _json({"prompt": "hi", CANARY: 1})), id="a key"),
     pytest.param(
+        Attempt("/conversation/c1/prompt", _json({"prompt": "hi", "env": {"GEMINI_API_KEY": NAMED}})),
+        id="a key named by the key of its member",
+    ),
+    pytest.param(
+        Attempt(
+            "/conversation/c1/prompt",
+            b'{"prompt": "hi", "GEMINI_API_KEY": "\\u0041' + NAMED[1:].encode() + b'"}',
+        ),
+        id="a JSON-escaped key named by the key of its member",
+    ),
+    pytest.param(
         Attempt("/conversation/c1/prompt", _json({"prompt": "hi", "deep": _nested(30, CANARY)})),
         id="thirty levels deep",
     ),
@@ -378,6 +391,7 @@ async def test_no_canary_reaches_the_backends_prompt_handler(
     for parsed in prompt_handler_bodies(express):
         assert CANARY not in parsed
         assert GITHUB not in parsed
+        assert NAMED not in parsed
     assert status != 500
     if attempt.expect:
         assert status in attempt.expect

@@ -223,7 +223,7 @@ def test_event_text(event: bytes, text: str) -> None:
         pytest.param(
             b'data: {"id": "c1", "choices": [{"delta": {"content": "hi"}}]}\n\n',
             "hi",
-            "id\nc1\nchoices\ndelta\ncontent",
+            "id: c1\nchoices\ndelta\ncontent",
             ["data.id (key)", "data.id", "data.choices (key)", "data.choices[0].delta (key)",
              "data.choices[0].delta.content (key)"],
             id="the answer field is stream text and every other key and value is side text",
@@ -231,7 +231,7 @@ def test_event_text(event: bytes, text: str) -> None:
         pytest.param(
             b'data: {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "hi"}}\n\n',
             "hi",
-            "type\ncontent_block_delta\ndelta\ntype\ntext_delta\ntext",
+            "type: content_block_delta\ndelta\ntype: text_delta\ntext",
             None,
             id="Anthropic's delta.text is stream text",
         ),

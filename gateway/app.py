@@ -23,6 +23,7 @@ from gateway.connections import ConnectionGuard, ConnectionLimits, GuardedAppRun
 from gateway.flashback import INVALID_REQUEST
 from gateway.judge.client import JudgeClient, JudgeSettings
 from gateway.policy import RuleSet
+from gateway.policy_repull import PolicyRepull
 from gateway.redaction import REDACTOR
 from gateway.reload import Reloader
 from gateway.routes import AFTER_ANSWERS, add_routes, completed, observe_requests
@@ -265,6 +266,8 @@ async def run(settings: Settings, ruleset: RuleSet, *, reuse_port: bool = False)
         loop.add_signal_handler(signal.SIGHUP, lambda: spawn(_reload(reloader)))
         if settings.watch_policies:
             spawn(reloader.watch())
+        if settings.policies_pull_interval is not None:
+            spawn(PolicyRepull(reloader).run())
         await stop.wait()
         log.info("gateway.stopping", pid=os.getpid(), shutdown_timeout=settings.shutdown_timeout)
     finally:

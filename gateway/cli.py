@@ -203,11 +203,23 @@ def _add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     setting("header_timeout", type=float)
     setting("max_connections", type=int)
     switch("watch_policies")
+    for name, options in _PULL_FLAGS:
+        setting(name, **options)
     setting("audit_file", type=Path)
     serve.epilog = settings_epilog(flagged, width)
     serve.set_defaults(run=_serve)
 
 
+# Pulling the platform's policies again while serving (gateway/policy_repull.py).
+_PULL_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("platform_url", {"metavar": "URL"}),
+    ("platform_org", {"metavar": "ID"}),
+    ("platform_workspaces", {"flag": "--platform-workspace", "action": "append", "metavar": "ID"}),
+    ("platform_repos", {"flag": "--platform-repo", "action": "append", "metavar": "ID"}),
+    ("platform_token_file", {"type": Path}),
+    ("policies_pull_interval", {"type": float}),
+    ("policies_pull_out", {"type": Path}),
+)
 # Every number of seconds of serve is a float, and only those are.
 _METAVARS: dict[object, str] = {int: "N", float: "SECONDS", Path: "PATH"}
 

@@ -98,6 +98,16 @@ class Settings:
     judge_timeout: float = 10.0
     judge_max_concurrent: int = 8
     watch_policies: bool = False  # reload when a policy file changes (polled every 2 s)
+    # The platform's policies (``gateway policies pull``), pulled again every interval into
+    # policies_pull_out and reloaded when they changed (gateway/policy_repull.py); None: never.
+    platform_url: str | None = None
+    platform_org: str | None = None
+    platform_workspaces: tuple[str, ...] = ()
+    platform_repos: tuple[str, ...] = ()
+    platform_token: str | None = field(default=None, repr=False)  # GATEWAY_PLATFORM_TOKEN or a file
+    platform_token_file: Path | None = None
+    policies_pull_interval: float | None = None
+    policies_pull_out: Path | None = None
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     workers: int = 1  # processes serving the same ports (SO_REUSEPORT)
 
@@ -141,6 +151,34 @@ def _text(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("must be non-empty text")
     return value
+
+
+def _platform_url(value: object) -> str | None:
+    if value in (None, ""):
+        return None
+    url = _upstream(value)
+    parsed = URL(url)
+    # SECURITY: the URL is logged and written into the pulled file; the token travels apart.
+    if parsed.user is not None or parsed.password is not None or parsed.query_string or parsed.fragment:
+        raise ValueError("must hold no user, password, query or fragment (the token is given apart)")
+    return url
+
+
+def _ids(value: object) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError("must be a list of ids")
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _interval(value: object) -> float | None:
+    """Seconds between pulls; none or 0: no pull."""
+    if value in (None, ""):
+        return None
+    seconds = float(str(value))
+    if not 0 <= seconds < float("inf"):
+        raise ValueError("must be a number of seconds (0: never)")
+    return seconds or None
 
 
 def _paths(value: object) -> tuple[Path, ...]:
@@ -260,6 +298,14 @@ PARSERS: Mapping[str, Callable[[object], Any]] = {
     "judge_timeout": _positive_float,
     "judge_max_concurrent": _positive_int,
     "watch_policies": _bool,
+    "platform_url": _platform_url,
+    "platform_org": _optional_text,
+    "platform_workspaces": _ids,
+    "platform_repos": _ids,
+    "platform_token": parse_secret,
+    "platform_token_file": _optional_path,
+    "policies_pull_interval": _interval,
+    "policies_pull_out": _optional_path,
     "shutdown_timeout": _positive_float,
     "workers": _positive_int,
 }
@@ -271,6 +317,7 @@ CREDENTIAL_SETTINGS = frozenset(
         "audit_key",
         "alerts",
         "judge_url",
+        "platform_url",
         *SECRET_FILES.keys(),
         *SECRET_FILES.values(),
     }
@@ -319,9 +366,49 @@ def load_settings(
         errors.append(f"port and admin_port are both {settings.port}: the admin port must be its own")
     if not errors and settings.usage_journal is not None and settings.redis_url is None:
         errors.append("usage_journal needs redis_url: the in-memory store has nothing to journal")
+    if not errors and settings.policies_pull_interval is not None:
+        errors.extend(_pull_errors(settings, {name: origin for name, (origin, _) in raw.items()}))
     if errors:
         raise ConfigError(errors)
     return settings
+
+
+def _pull_errors(settings: Settings, origins: Mapping[str, str]) -> list[str]:
+    """A pull needs where to pull from and to, and a file the reload reads."""
+    interval = origins["policies_pull_interval"]
+    needed = {
+        "platform_url": "--platform-url",
+        "platform_org": "--platform-org",
+        "platform_token": "GATEWAY_PLATFORM_TOKEN or --platform-token-file",
+        "policies_pull_out": "--policies-pull-out",
+    }
+    errors = [
+        f"{interval}: needs {name} ({given})"
+        for name, given in needed.items()
+        if getattr(settings, name) is None
+    ]
+    out = settings.policies_pull_out
+    if out is not None and not _read_by(out, settings.policies):
+        errors.append(
+            f"{origins['policies_pull_out']}: {out} is not read by the policies "
+            f"({', '.join(str(path) for path in settings.policies) or 'builtin'}): give a file listed "
+            "in them, or a *.yaml file directly in a directory listed, so that the reload reads it"
+        )
+    return errors
+
+
+def _read_by(out: Path, policies: tuple[Path, ...]) -> bool:
+    """Whether loading ``policies`` reads ``out``, as the loader lists files (never the shipped pack)."""
+    target = out.resolve()
+    for given in policies:
+        if str(given) == "builtin":
+            continue
+        path = given.resolve()
+        if (target == path and not path.is_dir()) or (
+            target.parent == path and target.suffix in {".yaml", ".yml"}
+        ):
+            return True
+    return False
 
 
 def _read_file(path: Path, errors: list[str]) -> dict[str, object]:

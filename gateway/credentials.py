@@ -19,6 +19,7 @@ SECRET_FILES = {
     "admin_token": "admin_token_file",
     "origin_secret": "origin_secret_file",
     "judge_api_key": "judge_api_key_file",
+    "platform_token": "platform_token_file",
 }
 
 # Headers the gateway itself sets or drops on the way upstream (proxy.upstream_headers), and the

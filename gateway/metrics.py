@@ -50,6 +50,8 @@ CONNECTION_REFUSALS = ("header_timeout", "max_connections")
 # refusals anyone can provoke by name, then classes, so the label stays bounded.
 UNCOUNTED_STATUSES = ("401", "403", "404", "429", "3xx", "4xx", "5xx")
 ALERT_RESULTS = ("delivered", "failed", "dropped", "grouped")
+# A pull of the platform's policies by serve: written (and reloaded), the same as the file, or refused.
+POLICY_PULL_RESULTS = ("ok", "unchanged", "failed")
 
 
 class Metrics:
@@ -135,6 +137,10 @@ class Metrics:
         self.reloads = Counter(
             "policy_gateway_reloads", "Policy reloads, by result (ok, failed).", ("result",), registry=r
         )
+        self.policy_pulls = Counter(
+            "policy_gateway_policy_pulls", "Pulls of the platform's policies by serve, by result (ok: "
+            "written and reloaded; unchanged; failed: nothing changed).", ("result",), registry=r,
+        )  # fmt: skip
         self.connections_refused = Counter(
             "policy_gateway_connections_refused",
             "Client connections closed with no complete request head in time (header_timeout), "
@@ -172,6 +178,8 @@ class Metrics:
             self.reloads.labels(result)
         for result in JUDGE_RESULTS:
             self.judge_calls.labels(result)
+        for result in POLICY_PULL_RESULTS:
+            self.policy_pulls.labels(result)
         for result in ("memory", "redis", "miss"):
             self.judge_cache.labels(result)
         for dependency, reason in FALLBACKS:

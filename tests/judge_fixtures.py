@@ -79,7 +79,21 @@ def model_app(server: ModelServer) -> web.Application:
 
 
 if __name__ == "__main__":
-    # A stand-in judge for trying judge rules by hand (README): python tests/judge_fixtures.py PORT
-    import sys
+    # A stand-in judge for trying judge rules by hand (README) and for bench/judge.py:
+    # python tests/judge_fixtures.py PORT [--delay SECONDS]; GET /calls counts calls by model.
+    import argparse
+    from collections import Counter
 
-    web.run_app(model_app(ModelServer()), host="127.0.0.1", port=int(sys.argv[1]), print=None)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("port", type=int)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds each answer takes (0)")
+    args = parser.parse_args()
+    server = ModelServer(delay=args.delay)
+    app = model_app(server)
+
+    async def calls(request: web.Request) -> web.Response:
+        by_model = Counter(str(body.get("model")) for body in server.bodies)
+        return web.json_response({"calls": server.calls, "by_model": by_model})
+
+    app.router.add_get("/calls", calls)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)

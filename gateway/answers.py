@@ -171,7 +171,7 @@ def decide_first(
         if waits(decision):
             return decision
         _report(state, info, decision, text, where)
-        _after(_judged(state, info, decision, text, context, where))
+        _after(_judged(state, info, decision, text, context, where), info)
         return decision
     _report(state, info, decision, text, where)
     return decision
@@ -220,14 +220,27 @@ async def judge_pending(
         return decision
     if waits(decision):
         return await _judged(state, info, decision, text, context, where)
-    _after(_judged(state, info, decision, text, context, where))
+    _after(_judged(state, info, decision, text, context, where), info)
     return decision
 
 
-def _after(judging: Coroutine[Any, Any, Decision]) -> None:
+def _after(judging: Coroutine[Any, Any, Decision], info: RequestInfo | None = None) -> None:
+    """Judge once the answer is out: a served request's judging waits in its info for the
+    bookkeeping after the answer (``start_after_answer``), so that the model's call does not
+    share the event loop with the answer still on its way; other callers' starts at once."""
+    if info is not None and info.after_answer is not None:
+        info.after_answer.append(judging)
+        return
     task = asyncio.ensure_future(judging)
     _AFTER.add(task)
     task.add_done_callback(_after_done)
+
+
+def start_after_answer(info: RequestInfo) -> None:
+    """Start the judging a request left for after its answer (called once it is out)."""
+    waiting, info.after_answer = info.after_answer, None
+    for judging in waiting or ():
+        _after(judging)
 
 
 def _after_done(task: asyncio.Task[Decision]) -> None:

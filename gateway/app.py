@@ -105,6 +105,8 @@ async def _judged_after(app: web.Application) -> AsyncIterator[None]:
     # Verdicts of log and alert rules still coming in are recorded before the audit file, the
     # alerts and the judge's session close; each call is bounded by judge_timeout.
     settings = app[STATE].settings
+    # Requests finished in this very turn hand over their judging first.
+    app[AFTER_ANSWERS].flush()
     await judged_after(settings.judge_timeout + settings.redis_timeout + 1.0)
 
 

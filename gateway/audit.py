@@ -246,6 +246,9 @@ class RequestInfo:
     # under keys of their own on the request: each such key costs two calls to read.
     recorded_status: int | None = None  # the status recorded, when it is not the one sent
     exchange: Exchange | None = None  # the prompt exchange to count, once the answer is out
+    # Judging of log and alert rules, started by that bookkeeping (None: at once, no answer
+    # to wait for: a caller without the routes' middleware).
+    after_answer: list[Any] | None = None
 
 
 # The request's audit context (set by the routes' middleware).

@@ -21,6 +21,7 @@ from gateway.answers import (
     inspect_answer,
     must_wait,
     read_bounded,
+    start_after_answer,
     withhold_messages,
 )
 from gateway.audit import INFO, RequestInfo, user_id
@@ -79,7 +80,7 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
     """Times every request, counts it, and logs one ``request.completed`` event for it."""
     headers = request.headers
     authorization = headers.get("Authorization")
-    info = RequestInfo(user_id=user_id(authorization) if authorization else None)
+    info = RequestInfo(user_id=user_id(authorization) if authorization else None, after_answer=[])
     incoming = headers.get("X-Request-Id")
     # SECURITY: a client's id is taken only if no block rule catches it; the redactor then
     # leaves requestId alone, instead of scanning a new value on every event of every request.
@@ -130,6 +131,8 @@ os.register_at_fork(after_in_child=_Pid.reread)
 def completed(finished: Finished) -> None:
     """A finished request's metrics and ``request.completed`` line (after usage, if any)."""
     request, info, status, elapsed = finished
+    if info.after_answer:
+        start_after_answer(info)
     state = request.app[STATE]
     metrics = state.observer.metrics
     route = info.route

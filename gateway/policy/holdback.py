@@ -413,7 +413,8 @@ def _composed_kinds(accepted: list[str]) -> tuple[str, ...]:
     Two characters taken by the same classes are the same to every pattern of the rules: a
     text ending in one begins a match exactly when it ends in the other.
     """
-    classes = [re2.compile(f"(?s:{char})") for char in accepted]
+    # Rules share most classes ([A-Za-z0-9], \\w, ...): each is tried once.
+    classes = [re2.compile(f"(?s:{char})") for char in dict.fromkeys(accepted)]
     kinds: dict[tuple[bool, ...], str] = {}
     for char in _COMPOSED:
         taken = tuple(cls.fullmatch(char) is not None for cls in classes)

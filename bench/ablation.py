@@ -48,10 +48,13 @@ def switch_off(parts: set[str]) -> None:
     if "bookkeeping" in parts:
         gateway.app.completed = lambda finished: None  # type: ignore[assignment]
     if "decisions" in parts:
-        # Every decision on a whole text goes through decide_with (answers' decide too).
-        gateway.routes.decide_with = gateway.answers.decide_with = (  # type: ignore[assignment]
-            lambda state, info, stage, text, context, where=None: Decision(stage, Action.ALLOW, "ablation")
-        )
+        # Every decision on a whole text goes through decide_first (the prompt and a whole answer)
+        # or decide_with (answers' decide).
+        def allow(state: Any, info: Any, stage: Any, text: Any, context: Any, where: Any = None) -> Decision:
+            return Decision(stage, Action.ALLOW, "ablation")
+
+        gateway.routes.decide_first = gateway.answers.decide_first = allow  # type: ignore[assignment]
+        gateway.answers.decide_with = allow  # type: ignore[assignment]
     if "usage" in parts:
 
         def settle(self: Any, exchange: Any, completed: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from gateway.credentials import parse_secret, read_secret_file
 from gateway.platform_policies import PlatformAnswerError, PolicyDocument, merge_policies, parse_answer
 from gateway.policy import PolicyError, load_ruleset
 from gateway.policy.model import Action
+from gateway.usage.journal import fsync_directory
 
 DEFAULT_TOKEN_ENV = "GATEWAY_PLATFORM_TOKEN"
 DEFAULT_TIMEOUT = 30.0
@@ -148,7 +149,7 @@ def write_policy_file(path: Path, document: PolicyDocument) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
-    _sync_directory(path.parent)
+    fsync_directory(path.parent)
     return True
 
 
@@ -170,16 +171,6 @@ def _without_header(text: str) -> str:
     lines = text.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
     return "".join(lines[start:])
-
-
-def _sync_directory(directory: Path) -> None:
-    # The rename survives a crash only once the directory is on disk too.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _reason(exc: BaseException) -> str:

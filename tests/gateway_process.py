@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,20 @@ class ServedProcess:
     def log_events(self) -> list[dict[str, Any]]:
         lines = self.log.read_text().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` whose labels include ``labels``."""
+        async with aiohttp.ClientSession() as session, session.get(self.admin_url("/metrics")) as got:
+            text = await got.text()
+        total = 0.0
+        for line in text.splitlines():
+            found = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+            if found is None or found[1] != name:
+                continue
+            have = dict(re.findall(r'(\w+)="([^"]*)"', found[2] or ""))
+            if all(have.get(key) == value for key, value in labels.items()):
+                total += float(found[3])
+        return total
 
     async def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -114,20 +113,7 @@ class Backend:
         return web.Response(body=body, content_type="application/json")
 
 
-class Gateway(ServedProcess):
-    async def metric(self, name: str, **labels: str) -> float:
-        """The sum of the samples of ``name`` whose labels include ``labels``."""
-        async with aiohttp.ClientSession() as session, session.get(self.admin_url("/metrics")) as got:
-            text = await got.text()
-        total = 0.0
-        for line in text.splitlines():
-            found = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
-            if found is None or found[1] != name:
-                continue
-            have = dict(re.findall(r'(\w+)="([^"]*)"', found[2] or ""))
-            if all(have.get(key) == value for key, value in labels.items()):
-                total += float(found[3])
-        return total
+Gateway = ServedProcess
 
 
 @dataclass

@@ -122,7 +122,7 @@ class UsageJournal:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        _fsync_directory(self.own.parent)
+        fsync_directory(self.own.parent)
         return len(kept)
 
     def remove(self, files: Iterable[Path]) -> None:
@@ -130,7 +130,7 @@ class UsageJournal:
         for path in files:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        _fsync_directory(self.path.parent)
+        fsync_directory(self.path.parent)
 
 
 def _fields(record: UsageRecord) -> dict[str, Any]:
@@ -208,8 +208,8 @@ def _set_aside(path: Path) -> Path:
     return path
 
 
-def _fsync_directory(directory: Path) -> None:
-    # The rename or unlink is durable only once the directory is on disk too.
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or an unlink in ``directory`` durable (the directory on disk too)."""
     with contextlib.suppress(OSError):
         descriptor = os.open(directory, os.O_RDONLY)
         try:

@@ -643,6 +643,9 @@ class _StreamForwarder:
         # Under a judge rule that may block, the last event is held until the verdict: else the
         # stream's own end (`[DONE]`, the last chunk) reaches the client before a block can.
         self.hold_last = any(rules.rules[i].rule.effective_action is Action.BLOCK for i in rules.judged)
+        # judge_stream_hold: nothing is sent until the verdict on the whole answer (as for a whole
+        # answer), so that a block judge rule stops all of it, at the cost of the first word's wait.
+        self.hold_all = self.hold_last and self.state.settings.judge_stream_hold
 
     def _lane(self, codec: str) -> _Lane:
         decoder = None if self.sse else codecs.getincrementaldecoder(codec)(errors="replace")
@@ -678,7 +681,7 @@ class _StreamForwarder:
                 return
         tail = self.splitter.flush() if self.sse else b""
         if await self.send([tail] if tail or not self.sse else [], final=True) and await self.judge_whole():
-            self.hold_last = False
+            self.hold_last = self.hold_all = False
             for lane in self.lanes:
                 lane.released += len(lane.guard.finish().release)
             await self.release()
@@ -773,6 +776,8 @@ class _StreamForwarder:
 
     async def release(self) -> None:
         """Send the events every reading has let go, in order."""
+        if self.hold_all:
+            return
         upto = min(lane.released for lane in self.lanes)
         if self.hold_last:
             upto = min(upto, self.sent + len(self.held) - 1)
@@ -822,7 +827,7 @@ class _StreamForwarder:
         # What is held is released only once the judge, where one may block, has read it.
         if not await self.judge_whole():
             return
-        self.hold_last = False
+        self.hold_last = self.hold_all = False
         for lane in self.lanes:
             lane.released += len(lane.guard.finish().release)
         await self.release()

@@ -191,6 +191,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     setting("judge_api_key_file", type=Path)
     setting("judge_timeout", type=float)
     setting("judge_max_concurrent", type=int)
+    switch("judge_stream_hold")
     setting("redis_url", metavar="URL")
     setting("redis_timeout", type=float)
     setting("usage_journal", type=Path)

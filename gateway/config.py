@@ -97,6 +97,9 @@ class Settings:
     judge_api_key_file: Path | None = None
     judge_timeout: float = 10.0
     judge_max_concurrent: int = 8
+    # A stream in scope of a block judge rule: sent as it comes and judged at its end (False), or
+    # held whole until the verdict (True: the first word waits for the whole answer and the model).
+    judge_stream_hold: bool = False
     watch_policies: bool = False  # reload when a policy file changes (polled every 2 s)
     # The platform's policies (``gateway policies pull``), pulled again every interval into
     # policies_pull_out and reloaded when they changed (gateway/policy_repull.py); None: never.
@@ -297,6 +300,7 @@ PARSERS: Mapping[str, Callable[[object], Any]] = {
     "judge_api_key_file": _optional_path,
     "judge_timeout": _positive_float,
     "judge_max_concurrent": _positive_int,
+    "judge_stream_hold": _bool,
     "watch_policies": _bool,
     "platform_url": _platform_url,
     "platform_org": _optional_text,

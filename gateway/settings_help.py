@@ -46,6 +46,7 @@ WORDS: Mapping[str, str] = {
     "judge_api_key_file": "file holding the judge endpoint's API key",
     "judge_timeout": "seconds a judge call may take, retries included",
     "judge_max_concurrent": "judge calls at once per worker; more wait",
+    "judge_stream_hold": "hold a stream a block judge rule covers until the verdict on all of it",
     "redis_url": "count usage in Redis; none: in process memory",
     "redis_timeout": "seconds a Redis call may take",
     "usage_buffer": "usage records held while Redis is down",

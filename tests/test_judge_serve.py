@@ -125,6 +125,7 @@ class Stack:
     a: Gateway
     b: Gateway  # as a, on the same Redis and fingerprint key
     c: Gateway
+    d: Gateway  # as b, holding a stream a block judge rule covers until the verdict
     audit: Path
     session: aiohttp.ClientSession
 
@@ -200,6 +201,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisPro
         serve_process(Gateway, upstream, root, *shared, "--audit-file", str(audit)),
         serve_process(Gateway, upstream, root, *shared),
         serve_process(Gateway, upstream, root, *slow),
+        serve_process(Gateway, upstream, root, *shared, "--judge-stream-hold"),
         return_exceptions=True,
     )
     started = [g for g in gateways if isinstance(g, Gateway)]
@@ -208,8 +210,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisPro
         for failed in gateways:
             if isinstance(failed, BaseException):
                 raise failed
-        a, b, c = started
-        yield Stack(backend, model, slow_model, servers[2], a, b, c, audit, session)
+        a, b, c, d = started
+        yield Stack(backend, model, slow_model, servers[2], a, b, c, d, audit, session)
     finally:
         await session.close()
         for gateway in started:
@@ -313,6 +315,19 @@ async def test_a_block_judge_rule_ends_a_stream_with_an_error_event_instead_of_i
     assert events[-1].startswith(b"event: error\ndata: "), leak
     assert _codes(events[-1].split(b"data: ", 1)[1]) == ("RESPONSE_BLOCKED", ["house.answer"])
     assert b"[DONE]" not in leak
+
+
+async def test_with_judge_stream_hold_a_blocked_stream_sends_nothing_of_the_answer(stack: Stack) -> None:
+    """--judge-stream-hold: the client gets no word of a stream the judge blocks, and all of a
+    clean one once judged."""
+    leak = await _stream(stack, "stream-leak", stack.d)
+    events = [event for event in leak.split(b"\n\n") if event]
+    assert len(events) == 1, leak
+    assert events[0].startswith(b"event: error\ndata: "), leak
+    assert _codes(events[0].split(b"data: ", 1)[1]) == ("RESPONSE_BLOCKED", ["house.answer"])
+    clean = await _stream(stack, "stream-clean", stack.d)
+    assert clean.endswith(b"data: [DONE]\n\n"), clean
+    assert b"not decided" in clean
 
 
 async def test_a_stream_the_backend_breaks_off_is_judged_before_what_is_held_is_released(

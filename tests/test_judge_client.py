@@ -117,3 +117,8 @@ def test_verdicts_are_read_from_a_fenced_answer_and_unknown_rules_ignored() -> N
             },
             [CODENAME],
         )
+
+
+def test_the_api_key_is_in_no_repr_of_the_settings() -> None:
+    key = "sk-test-0123456789abcdef"
+    assert key not in repr(JudgeSettings(url="http://127.0.0.1:1/v1", model="m", api_key=key))

@@ -17,7 +17,7 @@ import asyncio
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -75,7 +75,7 @@ class JudgeError(Exception):
 class JudgeSettings:
     url: str  # base URL; the call goes to {url}/chat/completions
     model: str
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a repr, a log or an error
     timeout: float = 10.0  # seconds for the whole call, retries included
     max_concurrent: int = 8
     retries: int = 2

@@ -371,7 +371,7 @@ async def test_an_alert_judge_rule_does_not_delay_the_answer_and_is_audited_late
     assert record["judgeCached"] is False
 
 
-async def test_an_explanation_quoting_the_text_is_redacted(stack: Stack) -> None:
+async def test_an_explanation_quoting_the_text_is_redacted(stack: Stack, redis_server: RedisProcess) -> None:
     stack.model.mode = "quote"
     email = f"jane.roe.{uuid.uuid4().hex[:6]}@corp-mail.net"
     before = len(await stack.audited("house.mascot", within=0))
@@ -387,6 +387,11 @@ async def test_an_explanation_quoting_the_text_is_redacted(stack: Stack) -> None
     assert email not in json.dumps(records[-1])
     assert email not in stack.audit.read_text()
     assert email not in stack.a.log.read_text()
+    # Nor in the verdict shared through Redis: it is cached as recorded.
+    with redis_server.client() as client:
+        cached = [client.get(key) or "" for key in client.scan_iter("*judge*")]
+    assert cached
+    assert not any(email in value or "greenowl" in value for value in cached)
 
 
 # -- fail modes -----------------------------------------------------------------------------------

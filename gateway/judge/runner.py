@@ -18,6 +18,7 @@ from gateway.judge.client import Check, JudgeClient, JudgeError
 from gateway.metrics import Metrics
 from gateway.policy import Action, Context, Decision, RuleSet, complete
 from gateway.policy.model import JudgeCheck
+from gateway.redaction import REDACTOR
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,9 @@ class JudgeRunner:
         metrics.judge_tokens.labels("prompt", *workspace).inc(judgement.prompt_tokens)
         metrics.judge_tokens.labels("completion", *workspace).inc(judgement.completion_tokens)
         return {
-            key: CachedVerdict(verdict.violates, verdict.explanation, judgement.model)
+            # Cached (and shared through Redis) without what it quotes or what a rule finds in it.
+            key: CachedVerdict(
+                verdict.violates, REDACTOR.text(unquoted(verdict.explanation, text)), judgement.model
+            )
             for key, verdict in judgement.verdicts.items()
         }, judgement.model

@@ -758,16 +758,6 @@ class _StreamForwarder:
                 if step.blocked is not None:
                     return await self.end(block_body(step.blocked))
                 lane.released += len(step.release)
-            # After the stream text's reading, whose block reports where in the text it lies;
-            # before anything this event let go is sent.
-            if data and not plain and self.sse:
-                try:
-                    decision = self.lanes[0].guard.data_as_written(data)
-                except Exception as exc:
-                    return await self.failed(exc)
-                if decision.blocked:
-                    self.observe_side(decision, Texts(data, (0,), ("raw data",)))
-                    return await self.end(block_body(decision))
             if texts[0]:
                 self.metrics.stream_holdback.observe(self.lanes[0].guard.held_chars)
             self.info.response_own += time.perf_counter() - started

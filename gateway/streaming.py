@@ -370,26 +370,6 @@ class StreamGuard:
             self._clean_sides.add(text)
         return decision
 
-    def data_as_written(self, data: str) -> Decision:
-        """Evaluate the data of a JSON event as written, for a block only.
-
-        The stream text and the side text read its strings apart; a client that shows the data
-        raw reads a key beside its value (``{"GEMINI_API_KEY": "AIza..."}``) and escapes as
-        sent. Only a block counts: what else this reading finds, the other readings report.
-        """
-        self._check_open()
-        if not data or data in self._clean_sides:
-            return self._allowed
-        decision = evaluate(self._ruleset, self._stage, data, self._context)
-        if decision.blocked:
-            self._closed = True
-            self._held.clear()
-            return dataclasses.replace(
-                decision,
-                violations=tuple(v for v in decision.violations if v.effective_action is Action.BLOCK),
-            )
-        return self._allowed
-
     def finish(self) -> StreamStep:
         """Release every held event: all their text has already been evaluated."""
         self._check_open()

@@ -26,7 +26,7 @@ from typing import Self
 
 import aiohttp
 
-from gateway.judge.client import Check, JudgeClient, JudgeError, JudgeSettings
+from gateway.judge.client import JudgeClient, JudgeError, JudgeSettings
 from gateway.policy import Context, Decision, JudgeCheck, RuleSet, Stage, complete, evaluate
 from gateway.policy.selftest import Unjudged
 
@@ -208,9 +208,8 @@ class LiveVerdicts(VerdictSource):
         digest = text_sha256(text)
         ask = [check for check in checks if (check.key, digest) not in self._got]
         if ask:
-            questions = [Check(c.key, c.instruction, c.violating, c.compliant) for c in ask]
             try:
-                judgement = self._runner.run(self._client.judge(text, questions))
+                judgement = self._runner.run(self._client.judge(text, ask))
             except JudgeError as exc:
                 raise Unjudged(exc.kind, f"judge error: {exc}") from None
             for key, verdict in judgement.verdicts.items():

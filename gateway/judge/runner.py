@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.judge.cache import CachedVerdict, VerdictCache
-from gateway.judge.client import Check, JudgeClient, JudgeError
+from gateway.judge.client import JudgeClient, JudgeError
 from gateway.metrics import Metrics
 from gateway.policy import Action, Context, Decision, RuleSet, complete
 from gateway.policy.model import JudgeCheck
@@ -136,9 +136,7 @@ class JudgeRunner:
             return {}, ""
         started = time.perf_counter()
         try:
-            judgement = await self.client.judge(
-                text, [Check(c.key, c.instruction, c.violating, c.compliant) for c in asked]
-            )
+            judgement = await self.client.judge(text, asked)
         except JudgeError as exc:
             metrics.judge_duration.observe(time.perf_counter() - started)
             metrics.judge_calls.labels("timeout" if exc.kind == "timeout" else "error").inc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -166,6 +167,8 @@ class Metrics:
         self._revision: str | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._pending: dict[tuple[Any, tuple[str, ...]], float] = {}
+        # Per histogram series: [sum, count in each bucket], added at the next flush.
+        self._observed: dict[Any, list[float]] = {}
         for route in ROUTES:
             self.request_duration.labels(route)
         for kind in UPSTREAM_ERRORS:
@@ -220,11 +223,33 @@ class Metrics:
         key = (counter, labels)
         self._pending[key] = self._pending.get(key, 0) + amount
 
+    def observe(self, series: Any, amount: float) -> None:
+        """``series.observe(amount)`` at the next ``flush``, as ``count`` does for counters: the
+        bucket is found by bisection, and a batch's observations of a series are added with one
+        locked update per bucket they fell in, rather than two each."""
+        pending = self._observed.get(series)
+        if pending is None:
+            if not _batchable(series):
+                series.observe(amount)
+                return
+            pending = self._observed[series] = [0.0] * (len(series._upper_bounds) + 1)
+        pending[0] += amount
+        # observe() counts an amount in the first bucket whose upper bound is >= it.
+        pending[bisect.bisect_left(series._upper_bounds, amount) + 1] += 1
+
     def flush(self) -> None:
-        """Apply what ``count`` has gathered (after each batch of answers, and before a scrape)."""
+        """Apply what ``count`` and ``observe`` have gathered (after each batch of answers, and
+        before a scrape)."""
         pending, self._pending = self._pending, {}
         for (counter, labels), amount in pending.items():
             self.child(counter, *labels).inc(amount)
+        observed, self._observed = self._observed, {}
+        for series, sums in observed.items():
+            series._sum.inc(sums[0])
+            buckets = series._buckets
+            for index, count in enumerate(sums[1:]):
+                if count:
+                    buckets[index].inc(count)
 
     def exposition(self) -> bytes:
         """The text format; with several workers, the sum (or max) over all of them."""
@@ -250,6 +275,22 @@ class Metrics:
             self._workspaces.add(workspace)
             return (workspace,)
         return (OTHER,)
+
+
+def _batchable(series: Any) -> bool:
+    """Whether ``observe`` can add to this histogram series's values itself: the attributes it
+    uses are prometheus_client's own (tests/test_metrics_batching.py holds them to what
+    ``Histogram.observe`` does); a release without them gets plain ``observe`` calls."""
+    bounds = getattr(series, "_upper_bounds", None)
+    buckets = getattr(series, "_buckets", None)
+    return (
+        isinstance(bounds, list)
+        and isinstance(buckets, list)
+        and len(bounds) == len(buckets)
+        and bool(bounds)
+        and bounds[-1] == float("inf")
+        and hasattr(getattr(series, "_sum", None), "inc")
+    )
 
 
 def _violation_labels(rules: Iterable[Rule]) -> Iterable[tuple[str, str, str, str, str]]:

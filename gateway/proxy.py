@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -204,20 +204,22 @@ def _cut_off(request: web.Request) -> None:
         transport.close()
 
 
-async def call_upstream(
+def call_upstream(
     request: web.Request,
     *,
     data: bytes | aiohttp.StreamReader | None,
     inspect: bool,
     body: InspectedRequest | None = None,
     state: GatewayState | None = None,
-) -> aiohttp.ClientResponse:
-    """Send the request on to the same path upstream; raises one of ``UPSTREAM_ERRORS``."""
+) -> Awaitable[aiohttp.ClientResponse]:
+    """Send the request on to the same path upstream; awaited, it raises one of
+    ``UPSTREAM_ERRORS``. (The session's call itself is returned to be awaited, not awaited in a
+    coroutine of its own: a frame fewer for every step of the call to resume through.)"""
     if state is None:
         state = request.app[STATE]
     settings = state.settings
     upstream = settings.upstream
-    return await state.session.request(
+    return state.session.request(
         request.method.upper(),
         upstream_url(request, upstream),
         headers=upstream_headers(request, upstream, inspect=inspect, body=body, settings=settings),

@@ -130,8 +130,12 @@ class Redactor:
     def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         """structlog processor: the last step before a line is rendered."""
         clean = self._current[2]
-        for key, value in event.items():  # values replaced in place: the keys do not change
-            if key in OWN_KEYS or value is None:
+        # The keys that are not the gateway's own, found by one set difference rather than a
+        # test per key in Python: most of an event's keys are its own (values replaced in
+        # place: the keys do not change).
+        for key in event.keys() - OWN_KEYS:
+            value = event[key]
+            if value is None:
                 continue
             # Most values are ids seen on the last requests: found clean already (hot path).
             if type(value) is str and value in clean and key.lower() not in CONTENT_KEYS:

@@ -137,11 +137,13 @@ def completed(finished: Finished) -> None:
     metrics = state.observer.metrics
     route = info.route
     metrics.count(metrics.requests, (route, str(status)))
-    metrics.child(metrics.request_duration, route).observe(elapsed)
+    metrics.observe(metrics.child(metrics.request_duration, route), elapsed)
+    if info.upstream_seconds is not None:
+        metrics.observe(metrics.upstream_duration, info.upstream_seconds)
     if info.prompt_own is not None:
-        metrics.child(metrics.overhead, "prompt").observe(info.prompt_own)
+        metrics.observe(metrics.child(metrics.overhead, "prompt"), info.prompt_own)
     if route in {"prompt", "messages"} and status != 400:
-        metrics.child(metrics.overhead, "response").observe(info.response_own)
+        metrics.observe(metrics.child(metrics.overhead, "response"), info.response_own)
     completed = {
         "requestId": info.request_id,
         "pid": _Pid.value,
@@ -393,7 +395,6 @@ async def prompt(
         exchange.forwarded = not isinstance(exc, aiohttp.ClientConnectorError)
         return upstream_failure(request, exc)
     info.upstream_seconds = time.perf_counter() - called
-    state.observer.metrics.upstream_duration.observe(info.upstream_seconds)
     try:
         return await inspect_answer(request, upstream, context, exchange, state=state, info=info)
     finally:

@@ -26,7 +26,7 @@ from gateway.policy import RuleSet
 from gateway.policy_repull import PolicyRepull
 from gateway.redaction import REDACTOR
 from gateway.reload import Reloader
-from gateway.routes import AFTER_ANSWERS, add_routes, completed, observe_requests
+from gateway.routes import AFTER_ANSWERS, add_routes, completed, observe_requests, public_handler
 from gateway.state import STATE, GatewayState
 from gateway.usage.journal import UsageJournal
 from gateway.usage.redis_store import RedisUsageStore
@@ -209,26 +209,34 @@ def usage_body(workspace: str, period: Period, now: datetime, totals: Totals) ->
     }
 
 
-async def run(settings: Settings, ruleset: RuleSet, *, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM or SIGINT, then drain: stop accepting, let requests under way finish
-    (up to ``shutdown_timeout``), record their usage, flush it and queued alerts, return."""
-    state = GatewayState(settings, ruleset)
-    reloader = Reloader(state)
-    # SECURITY: a client that goes away cancels its handler, and with it the upstream call.
-    metrics = state.observer.metrics
+def public_runner(state: GatewayState, **options: Any) -> GuardedAppRunner:
+    """The public port's runner, as ``serve`` runs it (``options``: more server options)."""
+    settings, metrics = state.settings, state.observer.metrics
     # SECURITY: a slow or surplus client cannot hold the public port (gateway/connections.py).
     guard = ConnectionGuard(
         ConnectionLimits(settings.header_timeout, settings.max_connections),
         lambda reason: metrics.child(metrics.connections_refused, reason).inc(),
     )
-    public = GuardedAppRunner(
+    return GuardedAppRunner(
         build_public_app(state),
         guard=guard,
+        request_handler=public_handler,
+        # SECURITY: a client that goes away cancels its handler, and with it the upstream call.
         handler_cancellation=True,
         access_log=None,
         **PUBLIC_SERVER_OPTIONS,
         shutdown_timeout=settings.shutdown_timeout,
+        **options,
     )
+
+
+async def run(settings: Settings, ruleset: RuleSet, *, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: stop accepting, let requests under way finish
+    (up to ``shutdown_timeout``), record their usage, flush it and queued alerts, return."""
+    state = GatewayState(settings, ruleset)
+    reloader = Reloader(state)
+    metrics = state.observer.metrics
+    public = public_runner(state)
     # The admin port's parser errors quote bytes too (a token, say): it gets the same handler.
     admin_guard = ConnectionGuard(
         ConnectionLimits(settings.header_timeout, settings.max_connections),

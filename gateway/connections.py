@@ -195,7 +195,7 @@ class GuardedServer(web.Server):
 class GuardedAppRunner(web.AppRunner):
     """An ``AppRunner`` whose server keeps its connections to ``guard``'s limits."""
 
-    __slots__ = ("_guard", "_handler_class")
+    __slots__ = ("_guard", "_handler_class", "_request_handler")
 
     def __init__(
         self,
@@ -203,18 +203,25 @@ class GuardedAppRunner(web.AppRunner):
         *,
         guard: ConnectionGuard,
         handler_class: type[GuardedRequestHandler] = GuardedRequestHandler,
+        request_handler: Callable[[web.Application], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._guard = guard
         self._handler_class = handler_class
+        # Makes, from the app once it is set up, the handler of every request in place of the
+        # app's own (its router and middleware chain): gateway.routes.public_handler.
+        self._request_handler = request_handler
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()
+        handler = made.request_handler
+        if self._request_handler is not None:
+            handler = self._request_handler(self.app)
         # The server the app made (its handler, request factory and options), making guarded
         # connection handlers instead.
         return GuardedServer(
-            made.request_handler,
+            handler,
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             guard=self._guard,

@@ -75,6 +75,35 @@ def client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+def public_handler(app: web.Application) -> Handler:
+    """The public port's request handler, in place of the app's router and middleware chain.
+
+    Every request on the public port goes to ``dispatch`` (the app has one catch-all route, and
+    ``gateway.target.classify`` reads the target), so the router's matching, and a middleware
+    chain built around it, is work done per request for nothing. The handler does what the app's
+    own would, in one frame: the request is given the catch-all route's match (so that
+    ``request.app`` and the response-prepare hooks work as they do through the router), an
+    ``Expect`` header gets the route's answer (``100 Continue``), then ``observe_requests``.
+    The app keeps its router and middleware, for any runner that serves it without this.
+    """
+    (resource,) = app.router.resources()
+    (route,) = resource
+    match = web.UrlMappingMatchInfo({"tail": ""}, route)
+    match.add_app(app)
+    match.freeze()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        request._match_info = match
+        if request.headers.get("Expect"):
+            answered = await match.expect_handler(request)
+            await request.writer.drain()
+            if answered is not None:
+                return answered
+        return await observe_requests(request, dispatch)
+
+    return handle
+
+
 @web.middleware
 async def observe_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Times every request, counts it, and logs one ``request.completed`` event for it."""

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.app import PUBLIC_SERVER_OPTIONS, build_admin_app, build_public_app
+from gateway.app import build_admin_app, public_runner
 from gateway.config import Settings
 from gateway.policy import load_ruleset
 from gateway.state import GatewayState
@@ -65,6 +65,26 @@ async def start_gateway(
     settings = replace(Settings(), upstream=upstream_url.rstrip("/"), **overrides)
     ruleset = load_ruleset(policies) if policies else load_ruleset()
     state = GatewayState(settings, ruleset)
-    public = await aiohttp_server(build_public_app(state), **PUBLIC_SERVER_OPTIONS)
-    admin = await aiohttp_server(build_admin_app(state))
+    public = PublicServer(state)
+    await public.start_server()
+    admin_app = build_admin_app(state)
+
+    async def close_public(_: web.Application) -> None:
+        await public.close()
+
+    # The fixture closes the servers it made; the public one closes with the admin one.
+    admin_app.on_cleanup.append(close_public)
+    admin = await aiohttp_server(admin_app)
     return public, admin, state
+
+
+class PublicServer(TestServer):
+    """The public port on loopback as ``serve`` runs it: its own runner (``public_runner``) and
+    request handler, not the app's router and middleware chain (which plain ``TestServer``s use)."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self._public = public_runner(state)
+        super().__init__(self._public.app, host="127.0.0.1")
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return self._public

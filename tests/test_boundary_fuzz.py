@@ -25,7 +25,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.app import PUBLIC_SERVER_OPTIONS, build_public_app
+from gateway.app import public_runner
 from gateway.config import Settings
 from gateway.policy import load_ruleset
 from gateway.state import GatewayState
@@ -58,7 +58,7 @@ class GatewayThread:
         asyncio.set_event_loop(self.loop)
 
         async def start() -> None:
-            self.runner = web.AppRunner(build_public_app(self.state), **PUBLIC_SERVER_OPTIONS)
+            self.runner = public_runner(self.state)
             await self.runner.setup()
             await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
             self.ready.set()

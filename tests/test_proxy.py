@@ -638,3 +638,51 @@ def test_route_memo_keeps_only_short_paths() -> None:
     other = target.classify("GET", "/conversation/short-1/prompt")
     assert isinstance(other, target.Target)
     assert other.route == "passthrough"
+
+
+# The public port's own request handler (gateway.routes.public_handler), in place of the router.
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(
+    gateway: TestServer, upstream: tuple[Upstream, TestServer]
+) -> None:
+    """A client that waits for ``100 Continue`` (curl does, over 1 KB) gets it, then its prompt
+    is inspected like any other: a clean one is forwarded, a key in one is blocked."""
+    for prompt, status in (("a clean prompt " * 100, 200), (f"my key {KEY} " * 100, 403)):
+        body = json.dumps({"prompt": prompt}).encode()
+        reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+        head = (
+            "POST /conversation/c-1/prompt HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode())
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert int(answer.split(b" ", 2)[1]) == status
+        assert KEY.encode() not in answer
+    assert [json.loads(r.body)["prompt"] for r in upstream[0].received] == ["a clean prompt " * 100]
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status"),
+    [
+        ("OPTIONS * HTTP/1.1", 400),
+        ("POST conversation/c-1/prompt HTTP/1.1", 400),
+        (f"GET /{'a' * 300} HTTP/1.1", 200),
+    ],
+)
+async def test_every_request_target_reaches_the_gateways_own_reading(
+    gateway: TestServer, upstream: tuple[Upstream, TestServer], request_line: str, status: int
+) -> None:
+    """No target is left to a router: each is read by ``target.classify`` (refused in the
+    backend's error shape, or forwarded as read)."""
+    got, body = await raw_request(gateway, request_line, b"")
+    assert got == status
+    if status == 400:
+        assert json.loads(body)["success"] is False
+        assert upstream[0].received == []

@@ -144,8 +144,16 @@ def decide_with(
 def _report(
     state: GatewayState, info: RequestInfo, decision: Decision, text: str, where: Where | None
 ) -> None:
-    state.observer.decision(decision, info, lambda start, end: text[start:end], where)
+    if decision.violations:
+        state.observer.decision(decision, info, lambda start, end: text[start:end], where)
+    else:
+        # Nothing found (most texts): counted, with no reader of matches to make.
+        state.observer.decision(decision, info, _nothing_matched)
     _note_action(info, decision.action)
+
+
+def _nothing_matched(start: int, end: int) -> str | None:
+    return None
 
 
 # Judge calls whose verdicts come after the answer: kept until done (a task without a

@@ -26,7 +26,7 @@ from gateway.policy import RuleSet
 from gateway.policy_repull import PolicyRepull
 from gateway.redaction import REDACTOR
 from gateway.reload import Reloader
-from gateway.routes import AFTER_ANSWERS, add_routes, completed, observe_requests, public_handler
+from gateway.routes import AFTER_ANSWERS, add_routes, completed, public_handler
 from gateway.state import STATE, GatewayState
 from gateway.usage.journal import UsageJournal
 from gateway.usage.redis_store import RedisUsageStore
@@ -125,7 +125,6 @@ def build_public_app(state: GatewayState) -> web.Application:
     app.cleanup_ctx.append(_audit_and_alerts)
     app.cleanup_ctx.append(_judged_after)  # last in, so first out
     app[AFTER_ANSWERS] = AfterAnswers(completed, state.observer.metrics.flush)
-    app.middlewares.append(observe_requests)
     add_routes(app)
     return app
 

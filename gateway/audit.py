@@ -91,6 +91,12 @@ class EventLog:
             return
         event: Any = {"event": name}
         event.update(fields)
+        self.line(event)
+
+    def line(self, event: Any) -> None:
+        """As ``event``, of an event that holds its name under ``"event"`` (given up)."""
+        if self._level > logging.INFO:
+            return
         if self._render is not None:
             line = self._render(event) + "\n"
         else:

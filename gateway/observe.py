@@ -123,11 +123,12 @@ class Observer:
         metrics.count(metrics.tokens, ("response", record.source, *workspace), record.response_tokens)
 
     def request_completed(self, fields: dict[str, Any]) -> None:
+        """The ``request.completed`` line; ``fields`` is the event (``"event"`` first), given up."""
         log = events()
         if isinstance(log, EventLog):
-            log.event("request.completed", fields)  # no copy of the fields into keywords and back
+            log.line(fields)  # no copy of the fields, into keywords and back or into another dict
         else:
-            log.info("request.completed", **fields)
+            log.info(fields.pop("event"), **fields)
 
 
 # The decisions counter's labels, by the stage's value and the action: Stage hashes (and

@@ -91,43 +91,52 @@ def upstream_headers(
     settings: Settings | None = None,
 ) -> CIMultiDict[str]:
     source = request.headers
-    dropped = _dropped(source, _TO_UPSTREAM_INSPECTED if inspect else _TO_UPSTREAM)
-    headers = CIMultiDict(source)
-    for name in dropped.intersection(map(str.lower, source.keys())):
-        del headers[name]
-    if body is not None:
-        # SECURITY: the body goes as it was inspected: decoded, and labelled as it was read.
-        headers.popall("Content-Encoding", None)
-        content_type = body.content_type or source.get("Content-Type")
-        headers.popall("Content-Type", None)
-        if content_type is not None:
-            headers["Content-Type"] = content_type
-    peer = request.remote or "unknown"
-    prior = source.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
-    headers["Host"] = _upstream(upstream)[1]
-    # SECURITY: the origin header tells the backend a request came through the gateway; a
-    # client's copy never passes, and every forwarded request carries the gateway's own.
     if settings is None:
         settings = request.app[STATE].settings
-    headers.popall(settings.origin_header, None)
+    # What is dropped (hop-by-hop, what the Connection header names, and every header the
+    # gateway sets itself, so that no client copy of one passes), then what it sets: the
+    # headers are built in one pass and one construction, not copied and edited.
+    fixed = _replaced(inspect, body is not None, settings.origin_header)
+    dropped = _dropped(source, fixed)
+    headers = [(name, value) for name, value in source.items() if name.lower() not in dropped]
+    if body is not None:
+        # SECURITY: the body goes as it was inspected: decoded, and labelled as it was read.
+        content_type = body.content_type or source.get("Content-Type")
+        if content_type is not None:
+            headers.append(("Content-Type", content_type))
+    peer = request.remote or "unknown"
+    prior = source.get("X-Forwarded-For")
+    headers += (
+        ("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
+        ("X-Forwarded-Proto", request.scheme),
+        ("X-Forwarded-Host", request.host),
+        ("Host", _upstream(upstream)[1]),
+    )
+    # SECURITY: the origin header tells the backend a request came through the gateway; a
+    # client's copy never passes (dropped above), and every forwarded request carries the
+    # gateway's own.
     if settings.origin_secret is not None:
-        headers[settings.origin_header] = settings.origin_secret
+        headers.append((settings.origin_header, settings.origin_secret))
     if inspect:
         # The gateway reads this answer; a compressed one could not be inspected.
-        headers["Accept-Encoding"] = "identity"
-    return headers
+        headers.append(("Accept-Encoding", "identity"))
+    return CIMultiDict(headers)
+
+
+@functools.lru_cache(maxsize=16)
+def _replaced(inspect: bool, body: bool, origin_header: str) -> frozenset[str]:
+    """The headers of a request not forwarded as the client sent them (lower case)."""
+    fixed = _TO_UPSTREAM_INSPECTED if inspect else _TO_UPSTREAM
+    own = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", origin_header.lower()}
+    if body:
+        own |= {"content-encoding", "content-type"}
+    return fixed | own
 
 
 def response_headers(upstream: aiohttp.ClientResponse, *, keep_length: bool) -> CIMultiDict[str]:
     source = upstream.headers
     dropped = _dropped(source, HOP_BY_HOP if keep_length else _BACK_WITHOUT_LENGTH)
-    headers = CIMultiDict(source)
-    for name in dropped.intersection(map(str.lower, source.keys())):
-        del headers[name]
-    return headers
+    return CIMultiDict([(name, value) for name, value in source.items() if name.lower() not in dropped])
 
 
 def upstream_failure(request: web.Request, exc: BaseException, *, answering: bool = False) -> web.Response:

@@ -58,13 +58,6 @@ AFTER_ANSWERS = web.AppKey("after_answers", AfterAnswers[Any])
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def info_of(request: web.Request) -> RequestInfo:
-    try:
-        return request[INFO]
-    except KeyError:  # a handler called without the middleware (tests)
-        return RequestInfo()
-
-
 # nginx's status for a client that closed its connection before it had its answer: a 4xx of
 # its own, so that a 5xx always means the gateway or the backend failed.
 CLIENT_CLOSED_REQUEST = 499
@@ -76,15 +69,14 @@ def client_gone(request: web.Request) -> bool:
 
 
 def public_handler(app: web.Application) -> Handler:
-    """The public port's request handler, in place of the app's router and middleware chain.
+    """The public port's request handler, in place of the app's router.
 
-    Every request on the public port goes to ``dispatch`` (the app has one catch-all route, and
-    ``gateway.target.classify`` reads the target), so the router's matching, and a middleware
-    chain built around it, is work done per request for nothing. The handler does what the app's
-    own would, in one frame: the request is given the catch-all route's match (so that
-    ``request.app`` and the response-prepare hooks work as they do through the router), an
-    ``Expect`` header gets the route's answer (``100 Continue``), then ``observe_requests``.
-    The app keeps its router and middleware, for any runner that serves it without this.
+    Every request on the public port goes to ``serve_request`` (the app's one route catches
+    every path, and ``gateway.target.classify`` reads the target), so the router's matching is
+    work done per request for nothing. The handler does what the app's own would: the request is
+    given the catch-all route's match (so that ``request.app`` and the response-prepare hooks
+    work as they do through the router), and an ``Expect`` header gets the route's answer
+    (``100 Continue``). The app keeps its router, for any runner that serves it without this.
     """
     (resource,) = app.router.resources()
     (route,) = resource
@@ -92,21 +84,24 @@ def public_handler(app: web.Application) -> Handler:
     match.add_app(app)
     match.freeze()
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    async def expected(request: web.Request) -> web.StreamResponse:
+        answered = await match.expect_handler(request)
+        await request.writer.drain()
+        if answered is not None:
+            return answered
+        return await serve_request(request)
+
+    # Not a coroutine of its own: the request's task runs serve_request's directly.
+    def handle(request: web.Request) -> Awaitable[web.StreamResponse]:
         request._match_info = match
         if request.headers.get("Expect"):
-            answered = await match.expect_handler(request)
-            await request.writer.drain()
-            if answered is not None:
-                return answered
-        return await observe_requests(request, dispatch)
+            return expected(request)
+        return serve_request(request)
 
     return handle
 
 
-@web.middleware
-async def observe_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Times every request, counts it, and logs one ``request.completed`` event for it."""
+def _request_info(request: web.Request) -> RequestInfo:
     headers = request.headers
     authorization = headers.get("Authorization")
     info = RequestInfo(user_id=user_id(authorization) if authorization else None, after_answer=[])
@@ -116,11 +111,30 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
     if incoming and len(incoming) <= 128 and incoming.isprintable() and not REDACTOR.sensitive(incoming):
         info.request_id = incoming
     request[INFO] = info
+    return info
+
+
+async def serve_request(request: web.Request) -> web.StreamResponse:
+    """Every request of the public port: routed by the gateway's own reading of its target, timed,
+    counted, and logged as one ``request.completed`` event.
+
+    (One coroutine for both: each frame between the task and the upstream call is resumed at
+    every step of a request.)"""
+    info = _request_info(request)
     status = 500
     try:
-        response = await handler(request)
+        response = await _routed(request, info)
         status = response.status
         return response
+    except EvaluationFailed:
+        # Fail closed: what the engine could not evaluate is not forwarded, nor returned.
+        status = 403
+        return json_response(
+            403,
+            error_body(
+                "Refused: the policy engine could not evaluate this text", error_code=EVALUATION_FAILED
+            ),
+        )
     except asyncio.CancelledError:
         # aiohttp cancels the handler of a client that disconnects (handler_cancellation).
         if client_gone(request):
@@ -174,6 +188,7 @@ def completed(finished: Finished) -> None:
     if route in {"prompt", "messages"} and status != 400:
         metrics.observe(metrics.child(metrics.overhead, "response"), info.response_own)
     completed = {
+        "event": "request.completed",
         "requestId": info.request_id,
         "pid": _Pid.value,
         "method": request.method,
@@ -213,31 +228,27 @@ def _classify(method: str, raw_target: str) -> Target | Refusal:
     return target
 
 
-async def dispatch(request: web.Request) -> web.StreamResponse:
-    info = info_of(request)
+def _routed(request: web.Request, info: RequestInfo) -> Awaitable[web.StreamResponse]:
+    """The request's route, by the gateway's reading of its target (a coroutine to await)."""
     target = _classify(request.method, request.raw_path)
     if isinstance(target, Refusal):
-        return refused(target)
+        return _answered(refused(target))
     # SECURITY: from here on the upstream request line is built from this reading only.
     request[TARGET] = target
     if target.route == "passthrough":
-        return await pass_through(request)
+        return pass_through(request)
     if target.route == "conversations":
         info.route = "conversations"
-        return await learn_conversations(request)
+        return learn_conversations(request)
     conversation_id = target.conversation_id or ""
     info.route, info.conversation_id = target.route, conversation_id
-    try:
-        if target.route == "prompt":
-            return await prompt(request, conversation_id, request.app[STATE], info)
-        return await messages(request, conversation_id)
-    except EvaluationFailed:
-        return json_response(
-            403,
-            error_body(
-                "Refused: the policy engine could not evaluate this text", error_code=EVALUATION_FAILED
-            ),
-        )
+    if target.route == "prompt":
+        return prompt(request, conversation_id, request.app[STATE], info)
+    return messages(request, conversation_id, info)
+
+
+async def _answered(response: web.StreamResponse) -> web.StreamResponse:
+    return response
 
 
 async def learn_conversations(request: web.Request) -> web.StreamResponse:
@@ -299,7 +310,7 @@ def _page_fetcher(request: web.Request) -> PageFetcher | None:
     return fetch
 
 
-async def resolve(request: web.Request, conversation_id: str) -> Resolution:
+async def resolve(request: web.Request, conversation_id: str, info: RequestInfo) -> Resolution:
     state = request.app[STATE]
     resolver = state.resolver
     headers = request.headers
@@ -312,7 +323,6 @@ async def resolve(request: web.Request, conversation_id: str) -> Resolution:
             state.observer.fallback("workspace", "lookup_failed")
             log.warning("workspace lookup failed: %s", type(exc).__name__)
             resolution = Resolution(Placement(UNRESOLVED), "unresolved")
-    info = info_of(request)
     info.workspace, info.repo = resolution.placement.workspace, resolution.placement.repo
     return resolution
 
@@ -323,9 +333,9 @@ _CONTEXTS: dict[tuple[Any, str | None, str | None, str | None], Context] = {}
 _CONTEXTS_LIMIT = 4096
 
 
-def policy_context(request: web.Request, resolution: Resolution, model: str | None = None) -> Context:
+def policy_context(state: GatewayState, resolution: Resolution, model: str | None = None) -> Context:
     """Where the request belongs, for scoped rules, and how to count tokens, for max_tokens rules."""
-    count_tokens = request.app[STATE].accountant.counter.counting(model)
+    count_tokens = state.accountant.counter.counting(model)
     placement = resolution.placement
     if resolution.source == "unresolved":
         key: tuple[Any, str | None, str | None, str | None] = (count_tokens, None, None, None)
@@ -390,11 +400,11 @@ async def prompt(
         return refused(inspected)
     payload = inspected.payload
 
-    resolution = await resolve(request, conversation_id)
+    resolution = await resolve(request, conversation_id, info)
     model = payload.get("model")
     if not isinstance(model, str):
         model = None
-    context = policy_context(request, resolution, model)
+    context = policy_context(state, resolution, model)
     workspace = resolution.placement.workspace
     quota = state.quota
     # A workspace without a budget is admitted without a coroutine to run.
@@ -402,7 +412,7 @@ async def prompt(
     if not verdict.allowed:
         return quota_exceeded(request, verdict)
     exchange = Exchange(conversation_id, resolution, model, payload["prompt"], ticket)
-    # Settled by the middleware once the answer is out: recorded, or its ticket released.
+    # Settled once the answer is out (serve_request's bookkeeping): recorded, or its ticket released.
     info.exchange = exchange
     # Every string of the body, keys included: the backend acts on all of them.
     texts = inspected.texts
@@ -430,8 +440,8 @@ async def prompt(
         upstream.release()
 
 
-async def messages(request: web.Request, conversation_id: str) -> web.StreamResponse:
-    context = policy_context(request, await resolve(request, conversation_id))
+async def messages(request: web.Request, conversation_id: str, info: RequestInfo) -> web.StreamResponse:
+    context = policy_context(request.app[STATE], await resolve(request, conversation_id, info))
     try:
         upstream = await call_upstream(request, data=None, inspect=True)
     except UPSTREAM_ERRORS as exc:
@@ -443,5 +453,5 @@ async def messages(request: web.Request, conversation_id: str) -> web.StreamResp
 
 
 def add_routes(app: web.Application) -> None:
-    # [\s\S], not ".": a decoded path may hold a newline, and must still reach dispatch.
-    app.router.add_route("*", r"/{tail:[\s\S]*}", dispatch)
+    # [\s\S], not ".": a decoded path may hold a newline, and must still be served.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", serve_request)

@@ -50,11 +50,11 @@ class UtcStamp:
         self._prefix = ""
 
     def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        now = time.time()
-        second = int(now)
+        now = time.time_ns()  # integers: the microseconds without float arithmetic
+        second = now // 1_000_000_000
         if second != self._second:
             self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        event["timestamp"] = f"{self._prefix}.{now // 1000 % 1_000_000:06d}Z"
         return event
 
 

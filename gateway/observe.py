@@ -128,7 +128,7 @@ class Observer:
         if isinstance(log, EventLog):
             log.line(fields)  # no copy of the fields, into keywords and back or into another dict
         else:
-            log.info(fields.pop("event"), **fields)
+            log.info(fields.pop("event", "request.completed"), **fields)
 
 
 # The decisions counter's labels, by the stage's value and the action: Stage hashes (and

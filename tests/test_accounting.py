@@ -260,7 +260,7 @@ async def test_usage_a_quota_waits_for_is_written_without_lingering(clean_redis:
     for ticket in (Ticket(), Ticket(lock)):
         exchange = Exchange("c", resolution, None, "some prompt", ticket)
         exchange.forwarded = True
-        accountant.settle(exchange, {"requestId": "r"})
+        accountant.settle(exchange, {"event": "request.completed", "requestId": "r"})
     while lock.locked():
         assert asyncio.get_running_loop().time() - started < 1.0, "the held ticket waited for the linger"
         await asyncio.sleep(0.01)

@@ -205,7 +205,7 @@ async def test_only_a_2xx_answer_or_an_unknown_outcome_is_counted(
     exchange = Exchange("c", Resolution(Placement("ws"), "header"), None, "a prompt", Ticket(lock))
     exchange.forwarded = True
     exchange.upstream_status = status
-    accountant.settle(exchange, {"requestId": "r"})
+    accountant.settle(exchange, {"event": "request.completed", "requestId": "r"})
     await accountant.drain()
     assert not lock.locked()
     totals = await store.totals("ws", Period.DAY, datetime.now(UTC))

@@ -83,20 +83,22 @@ def public_handler(app: web.Application) -> Handler:
     match = web.UrlMappingMatchInfo({"tail": ""}, route)
     match.add_app(app)
     match.freeze()
+    # Looked up once here rather than from the request (a property and a key lookup) each time.
+    state, after = app[STATE], app[AFTER_ANSWERS]
 
     async def expected(request: web.Request) -> web.StreamResponse:
         answered = await match.expect_handler(request)
         await request.writer.drain()
         if answered is not None:
             return answered
-        return await serve_request(request)
+        return await serve_request(request, state, after)
 
     # Not a coroutine of its own: the request's task runs serve_request's directly.
     def handle(request: web.Request) -> Awaitable[web.StreamResponse]:
         request._match_info = match
         if request.headers.get("Expect"):
             return expected(request)
-        return serve_request(request)
+        return serve_request(request, state, after)
 
     return handle
 
@@ -114,16 +116,22 @@ def _request_info(request: web.Request) -> RequestInfo:
     return info
 
 
-async def serve_request(request: web.Request) -> web.StreamResponse:
+async def serve_request(
+    request: web.Request,
+    state: GatewayState | None = None,
+    after: AfterAnswers[Finished] | None = None,
+) -> web.StreamResponse:
     """Every request of the public port: routed by the gateway's own reading of its target, timed,
     counted, and logged as one ``request.completed`` event.
 
     (One coroutine for both: each frame between the task and the upstream call is resumed at
     every step of a request.)"""
     info = _request_info(request)
+    if state is None or after is None:  # served through the app's router
+        state, after = request.app[STATE], request.app[AFTER_ANSWERS]
     status = 500
     try:
-        response = await _routed(request, info)
+        response = await _routed(request, info, state)
         status = response.status
         return response
     except EvaluationFailed:
@@ -152,10 +160,10 @@ async def serve_request(request: web.Request) -> web.StreamResponse:
             status = info.recorded_status
         elapsed = time.perf_counter() - info.started
         # Once this task has handed the answer to the socket: the client does not wait for it.
-        request.app[AFTER_ANSWERS].add((request, info, status, elapsed))
+        after.add((request, info, status, elapsed, state))
 
 
-Finished = tuple[web.Request, RequestInfo, int, float]
+Finished = tuple[web.Request, RequestInfo, int, float, GatewayState]
 
 
 class _Pid:
@@ -173,10 +181,9 @@ os.register_at_fork(after_in_child=_Pid.reread)
 
 def completed(finished: Finished) -> None:
     """A finished request's metrics and ``request.completed`` line (after usage, if any)."""
-    request, info, status, elapsed = finished
+    request, info, status, elapsed, state = finished
     if info.after_answer:
         start_after_answer(info)
-    state = request.app[STATE]
     metrics = state.observer.metrics
     route = info.route
     metrics.count(metrics.requests, (route, str(status)))
@@ -228,7 +235,7 @@ def _classify(method: str, raw_target: str) -> Target | Refusal:
     return target
 
 
-def _routed(request: web.Request, info: RequestInfo) -> Awaitable[web.StreamResponse]:
+def _routed(request: web.Request, info: RequestInfo, state: GatewayState) -> Awaitable[web.StreamResponse]:
     """The request's route, by the gateway's reading of its target (a coroutine to await)."""
     target = _classify(request.method, request.raw_path)
     if isinstance(target, Refusal):
@@ -243,7 +250,7 @@ def _routed(request: web.Request, info: RequestInfo) -> Awaitable[web.StreamResp
     conversation_id = target.conversation_id or ""
     info.route, info.conversation_id = target.route, conversation_id
     if target.route == "prompt":
-        return prompt(request, conversation_id, request.app[STATE], info)
+        return prompt(request, conversation_id, state, info)
     return messages(request, conversation_id, info)
 
 
@@ -310,8 +317,11 @@ def _page_fetcher(request: web.Request) -> PageFetcher | None:
     return fetch
 
 
-async def resolve(request: web.Request, conversation_id: str, info: RequestInfo) -> Resolution:
-    state = request.app[STATE]
+async def resolve(
+    request: web.Request, conversation_id: str, info: RequestInfo, state: GatewayState | None = None
+) -> Resolution:
+    if state is None:
+        state = request.app[STATE]
     resolver = state.resolver
     headers = request.headers
     # Without a lookup to make (most requests), no coroutine to run.
@@ -400,7 +410,7 @@ async def prompt(
         return refused(inspected)
     payload = inspected.payload
 
-    resolution = await resolve(request, conversation_id, info)
+    resolution = await resolve(request, conversation_id, info, state)
     model = payload.get("model")
     if not isinstance(model, str):
         model = None

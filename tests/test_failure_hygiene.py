@@ -362,7 +362,7 @@ async def test_a_write_to_a_client_gone_is_a_499_without_a_traceback(
         await response.write(b"too late")
         return response
 
-    monkeypatch.setattr("gateway.routes._routed", lambda request, info: writes_too_late(request))
+    monkeypatch.setattr("gateway.routes._routed", lambda request, *_: writes_too_late(request))
     gateway, state = await gateway_for(aiohttp_server, upstream[1])
     async with aiohttp.ClientSession() as client:
         with pytest.raises(aiohttp.ClientError):

@@ -92,8 +92,7 @@ def _flat(value: dict[Any, Any], root: str, fields: Sequence[tuple[str, ...]]) -
     """``collect`` of an object with no object or list in it (most bodies and answers), in one
     loop that joins as it goes; None for any other object. The same text, pieces and paths as
     the walk (tests/test_json_texts.py holds them to it)."""
-    # The field paths that end at a key of this object: the rest go deeper, and find nothing here.
-    ends = {path[0] for path in fields if len(path) == 1} if fields else ()
+    ends = _ends(fields) if fields else ()
     parts: list[str] = []
     starts: list[int] = []
     paths: list[str] = []
@@ -128,6 +127,23 @@ def _flat(value: dict[Any, Any], root: str, fields: Sequence[tuple[str, ...]]) -
         parts.append(text)
         offset += len(text)
     return Texts("".join(parts), tuple(starts), tuple(paths), tuple(found))
+
+
+# The last ``fields`` asked about (held, so that no other object can take its identity), and
+# the field paths of it that end at a key of the top object: every answer is read with the same
+# tuple of paths, and working them out went through all of them each time. One tuple, replaced
+# in one assignment: a reader never sees the paths of one with the ends of another.
+_LAST_ENDS: tuple[Sequence[tuple[str, ...]] | None, frozenset[str]] = (None, frozenset())
+
+
+def _ends(fields: Sequence[tuple[str, ...]]) -> frozenset[str]:
+    """The keys of a flat object where one of ``fields`` ends (the rest go deeper)."""
+    global _LAST_ENDS
+    last, ends = _LAST_ENDS
+    if fields is not last:
+        ends = frozenset(path[0] for path in fields if len(path) == 1)
+        _LAST_ENDS = (fields, ends)
+    return ends
 
 
 def piece(text: str, path: str) -> Texts:

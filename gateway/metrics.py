@@ -166,6 +166,7 @@ class Metrics:
         )  # fmt: skip
         self._revision: str | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._routes: dict[str, tuple[Any, Any, Any]] = {}
         self._pending: dict[tuple[Any, tuple[str, ...]], float] = {}
         # Per histogram series: [sum, count in each bucket], added at the next flush.
         self._observed: dict[Any, list[float]] = {}
@@ -215,6 +216,18 @@ class Metrics:
         series = self._children.get(key)
         if series is None:
             series = self._children[key] = metric.labels(*labels)
+        return series
+
+    def route_series(self, route: str) -> tuple[Any, Any, Any]:
+        """A route's request duration series, and the prompt and response overhead series: the
+        three each finished request observes, looked up in one step."""
+        series = self._routes.get(route)
+        if series is None:
+            series = self._routes[route] = (
+                self.child(self.request_duration, route),
+                self.child(self.overhead, "prompt"),
+                self.child(self.overhead, "response"),
+            )
         return series
 
     def count(self, counter: Any, labels: tuple[str, ...], amount: float = 1) -> None:

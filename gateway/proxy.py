@@ -133,10 +133,12 @@ def _replaced(inspect: bool, body: bool, origin_header: str) -> frozenset[str]:
     return fixed | own
 
 
-def response_headers(upstream: aiohttp.ClientResponse, *, keep_length: bool) -> CIMultiDict[str]:
+def response_headers(upstream: aiohttp.ClientResponse, *, keep_length: bool) -> list[tuple[str, str]]:
+    """The upstream's headers to send back, in order: pairs, which a response copies into its
+    own headers (a multidict built here would be copied again)."""
     source = upstream.headers
     dropped = _dropped(source, HOP_BY_HOP if keep_length else _BACK_WITHOUT_LENGTH)
-    return CIMultiDict([(name, value) for name, value in source.items() if name.lower() not in dropped])
+    return [(name, value) for name, value in source.items() if name.lower() not in dropped]
 
 
 def upstream_failure(request: web.Request, exc: BaseException, *, answering: bool = False) -> web.Response:

@@ -186,14 +186,15 @@ def completed(finished: Finished) -> None:
         start_after_answer(info)
     metrics = state.observer.metrics
     route = info.route
+    duration, prompt_overhead, response_overhead = metrics.route_series(route)
     metrics.count(metrics.requests, (route, str(status)))
-    metrics.observe(metrics.child(metrics.request_duration, route), elapsed)
+    metrics.observe(duration, elapsed)
     if info.upstream_seconds is not None:
         metrics.observe(metrics.upstream_duration, info.upstream_seconds)
     if info.prompt_own is not None:
-        metrics.observe(metrics.child(metrics.overhead, "prompt"), info.prompt_own)
+        metrics.observe(prompt_overhead, info.prompt_own)
     if route in {"prompt", "messages"} and status != 400:
-        metrics.observe(metrics.child(metrics.overhead, "response"), info.response_own)
+        metrics.observe(response_overhead, info.response_own)
     completed = {
         "event": "request.completed",
         "requestId": info.request_id,

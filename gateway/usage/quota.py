@@ -43,6 +43,11 @@ class Ticket:
         self._lock = None
 
 
+# What a workspace without a budget is admitted with: one shared ticket that holds no lock (its
+# release does nothing), rather than a new one for every request.
+_ADMITTED = (ALLOWED, Ticket())
+
+
 def seconds_until_next(period: str, now: datetime) -> int:
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "day":
@@ -75,7 +80,7 @@ class QuotaGate:
         admitted. None when the store must be asked (``admit``)."""
         if workspace in self.budgets:
             return None
-        return ALLOWED, Ticket()
+        return _ADMITTED
 
     async def admit(self, workspace: str, now: datetime | None = None) -> tuple[Verdict, Ticket]:
         budget = self.budgets.get(workspace)

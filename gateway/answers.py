@@ -444,6 +444,24 @@ _TOO_DEEP = "JSON nested too deeply"
 
 def read_answer(raw: bytes, *, sse: bool, declared: str | None, paths: FieldPaths) -> InspectedAnswer:
     """Every reading of a whole answer; ``NotInspectable`` if its JSON nests too deeply."""
+    if not sse and (declared is None or declared == "utf-8") and raw[:1] == b"{":
+        # Most answers: a JSON object in UTF-8, read as the steps below read it, without them
+        # (no order mark, and JSON holds no zero byte: one reading). Anything else takes them.
+        try:
+            payload = jsonlib.loads(raw)
+        except ValueError:
+            payload = None
+        if type(payload) is dict:
+            try:
+                texts = collect(payload, fields=paths)
+            except TooDeep:
+                raise NotInspectable("too_deep", "Upstream answer nested too deeply to inspect") from None
+            return InspectedAnswer(texts, payload, texts.fields, True)
+    return read_readings(raw, sse=sse, declared=declared, paths=paths)
+
+
+def read_readings(raw: bytes, *, sse: bool, declared: str | None, paths: FieldPaths) -> InspectedAnswer:
+    """``read_answer`` by its steps: each reading a client may make of the answer."""
     names = readings(raw, declared)
     payload: Any = None
     if len(names) == 1:

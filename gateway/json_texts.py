@@ -142,7 +142,8 @@ def _ends(fields: Sequence[tuple[str, ...]]) -> frozenset[str]:
     last, ends = _LAST_ENDS
     if fields is not last:
         ends = frozenset(path[0] for path in fields if len(path) == 1)
-        _LAST_ENDS = (fields, ends)
+        if type(fields) is tuple:  # immutable: the same object always holds the same paths
+            _LAST_ENDS = (fields, ends)
     return ends
 
 

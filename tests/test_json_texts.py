@@ -68,3 +68,14 @@ def test_the_members_and_found_fields_of_a_flat_answer() -> None:
     assert texts.fields == ("Prompt received",)
     assert texts.path_at(texts.text.index("Prompt")) == "$.message"
     assert texts.path_at(0) == "$.success (key)"
+
+
+def test_the_top_keys_of_the_answer_paths_follow_the_paths_asked_about() -> None:
+    """The paths' top keys are remembered for the last tuple of paths only: other paths, or a
+    list of paths changed in place, are never read with the keys of earlier ones."""
+    assert collect({"message": "a", "text": "b"}, fields=(("message",),)).fields == ("a",)
+    assert collect({"message": "a", "text": "b"}, fields=(("text",),)).fields == ("b",)
+    paths = [("message",)]
+    assert collect({"message": "a", "text": "b"}, fields=paths).fields == ("a",)
+    paths[0] = ("text",)
+    assert collect({"message": "a", "text": "b"}, fields=paths).fields == ("b",)

@@ -133,17 +133,16 @@ def _flat(value: dict[Any, Any], root: str, fields: Sequence[tuple[str, ...]]) -
 # the field paths of it that end at a key of the top object: every answer is read with the same
 # tuple of paths, and working them out went through all of them each time. One tuple, replaced
 # in one assignment: a reader never sees the paths of one with the ends of another.
-_LAST_ENDS: tuple[Sequence[tuple[str, ...]] | None, frozenset[str]] = (None, frozenset())
+_LAST_ENDS: list[tuple[Sequence[tuple[str, ...]] | None, frozenset[str]]] = [(None, frozenset())]
 
 
 def _ends(fields: Sequence[tuple[str, ...]]) -> frozenset[str]:
     """The keys of a flat object where one of ``fields`` ends (the rest go deeper)."""
-    global _LAST_ENDS
-    last, ends = _LAST_ENDS
+    last, ends = _LAST_ENDS[0]
     if fields is not last:
         ends = frozenset(path[0] for path in fields if len(path) == 1)
         if type(fields) is tuple:  # immutable: the same object always holds the same paths
-            _LAST_ENDS = (fields, ends)
+            _LAST_ENDS[0] = (fields, ends)
     return ends
 
 

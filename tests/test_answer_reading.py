@@ -25,7 +25,9 @@ SCALARS = st.one_of(
     st.booleans(),
     st.none(),
 )
-KEYS = st.one_of(st.sampled_from(["message", "content", "choices", "delta", "usage", "text"]), st.text(max_size=6))
+KEYS = st.one_of(
+    st.sampled_from(["message", "content", "choices", "delta", "usage", "text"]), st.text(max_size=6)
+)
 VALUES = st.recursive(
     SCALARS,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=4),
@@ -89,6 +91,8 @@ def test_answers_at_the_edges_read_the_same_either_way(raw: bytes) -> None:
 
 def test_a_plain_answer_takes_the_short_way_and_is_plain() -> None:
     kind, read = _either(b'{"success": true, "message": "Prompt received"}', False, None)
-    assert kind == "read" and isinstance(read, InspectedAnswer)
-    assert read.plain and read.fields == ("Prompt received",)
+    assert kind == "read"
+    assert isinstance(read, InspectedAnswer)
+    assert read.plain
+    assert read.fields == ("Prompt received",)
     assert read.texts.text == "success\nmessage: Prompt received"

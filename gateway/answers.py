@@ -301,6 +301,18 @@ def _note_action(info: RequestInfo, action: Action) -> None:
         info.decision = action.label
 
 
+def read_buffered(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """A whole body that is all in already (a small one comes with its head), read without
+    waiting: what ``read_bounded`` would return, with no coroutine to run. None while some of
+    it is still to come; ``AnswerTooLarge`` past ``limit``."""
+    if not stream.is_eof():
+        return None
+    body = stream.read_nowait()  # raises what a read would: a broken-off body's error
+    if len(body) > limit:
+        raise AnswerTooLarge
+    return body
+
+
 async def read_bounded(content: aiohttp.StreamReader | web.BaseRequest, limit: int) -> bytes:
     """Read a whole body, refusing it as soon as it grows past ``limit`` bytes."""
     stream = content.content if isinstance(content, web.BaseRequest) else content
@@ -536,11 +548,24 @@ def _not_inspectable(state: GatewayState, refusal: NotInspectable) -> web.Respon
 async def _read_whole(upstream: aiohttp.ClientResponse, state: GatewayState) -> bytes:
     try:
         return await read_bounded(upstream.content, state.settings.response_limit)
-    except AnswerTooLarge:
+    except (AnswerTooLarge, *UPSTREAM_ERRORS) as exc:
+        raise _unread(exc, state) from None
+
+
+def _whole_now(upstream: aiohttp.ClientResponse, state: GatewayState) -> bytes | None:
+    """``_read_whole`` without waiting, when the whole answer is in (None otherwise)."""
+    try:
+        return read_buffered(upstream.content, state.settings.response_limit)
+    except (AnswerTooLarge, *UPSTREAM_ERRORS) as exc:
+        raise _unread(exc, state) from None
+
+
+def _unread(exc: BaseException, state: GatewayState) -> NotInspectable | UpstreamBrokeOff:
+    """Why an answer could not be read, as ``inspect_answer`` answers it."""
+    if isinstance(exc, AnswerTooLarge):
         log.warning("answer over %d bytes", state.settings.response_limit)
-        raise NotInspectable("too_large", "Upstream answer too large to inspect") from None
-    except UPSTREAM_ERRORS as exc:
-        raise UpstreamBrokeOff(exc) from None
+        return NotInspectable("too_large", "Upstream answer too large to inspect")
+    return UpstreamBrokeOff(exc)
 
 
 def _release(upstream: aiohttp.ClientResponse, body: bytes) -> web.Response:
@@ -576,7 +601,9 @@ async def inspect_answer(
         plan = plan_answer(upstream)
         if plan.stream:
             return await guarded_stream(request, upstream, context, exchange, plan)
-        raw = await _read_whole(upstream, state)
+        raw = _whole_now(upstream, state)
+        if raw is None:
+            raw = await _read_whole(upstream, state)
         inspected = read_answer(raw, sse=plan.sse, declared=plan.codec, paths=state.field_paths)
     except NotInspectable as refusal:
         return _not_inspectable(state, refusal)

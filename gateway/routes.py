@@ -21,6 +21,7 @@ from gateway.answers import (
     inspect_answer,
     must_wait,
     read_bounded,
+    read_buffered,
     start_after_answer,
     withhold_messages,
 )
@@ -376,15 +377,32 @@ def _too_large(limit: int) -> Refusal:
     return Refusal(413, f"Request body over {limit} bytes", BODY_TOO_LARGE)
 
 
-async def read_prompt(request: web.Request, limit: int) -> InspectedRequest | Refusal:
-    """The prompt body, decoded as the backend decodes it, or why it is refused."""
+def prompt_now(request: web.Request, limit: int) -> InspectedRequest | Refusal | None:
+    """``read_prompt`` without waiting, when the whole body is in already (a prompt usually
+    comes with its head): no coroutine to run. None while some of it is still to come."""
     length = request.content_length
     if length is not None and length > limit:
         return _too_large(limit)
     try:
+        raw = read_buffered(request.content, limit)
+    except AnswerTooLarge:
+        return _too_large(limit)
+    return None if raw is None else _inspect_prompt(request, raw, limit)
+
+
+async def read_prompt(request: web.Request, limit: int) -> InspectedRequest | Refusal:
+    """The prompt body, decoded as the backend decodes it, or why it is refused."""
+    inspected = prompt_now(request, limit)
+    if inspected is not None:
+        return inspected
+    try:
         raw = await read_bounded(request.content, limit)
     except AnswerTooLarge:
         return _too_large(limit)
+    return _inspect_prompt(request, raw, limit)
+
+
+def _inspect_prompt(request: web.Request, raw: bytes, limit: int) -> InspectedRequest | Refusal:
     headers = request.headers
     encodings = headers.getall("Content-Encoding", ())
     inspected = read_body(
@@ -406,7 +424,8 @@ async def read_prompt(request: web.Request, limit: int) -> InspectedRequest | Re
 async def prompt(
     request: web.Request, conversation_id: str, state: GatewayState, info: RequestInfo
 ) -> web.StreamResponse:
-    inspected = await read_prompt(request, state.settings.body_limit)
+    limit = state.settings.body_limit
+    inspected = prompt_now(request, limit) or await read_prompt(request, limit)
     if isinstance(inspected, Refusal):
         return refused(inspected)
     payload = inspected.payload

@@ -181,6 +181,35 @@ async def test_an_oversized_chunked_prompt_is_refused_while_streaming(
     assert upstream[0].received == []
 
 
+@pytest.mark.parametrize("size", [1024, 1025, 4096])
+async def test_a_chunked_prompt_that_arrives_whole_is_held_to_the_limit(
+    aiohttp_server: Any, upstream: tuple[Upstream, TestServer], size: int
+) -> None:
+    """A body without a Content-Length that is all in when its request is handled (read without
+    waiting) is held to the same limit as one that streams in: at the limit it is read, past
+    it refused with 413, and the upstream never sees it."""
+    gateway, _, _ = await start_gateway(aiohttp_server, str(upstream[1].make_url("/")), body_limit=1024)
+    prefix = b'{"prompt": "'
+    body = prefix + b"x" * (size - len(prefix) - 2) + b'"}'
+    assert len(body) == size
+    head = b"POST /conversation/c/prompt HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:700], body[700:]))
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    writer.write(head + chunked + b"0\r\n\r\n")  # one write: the whole body comes with its head
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    status = int(answer.split(b" ", 2)[1])
+    if size <= 1024:
+        assert status == 200
+        assert upstream[0].received[-1].body == body
+    else:
+        assert status == 413
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["success"] is False
+        assert upstream[0].received == []
+
+
 @pytest.mark.parametrize(
     "path",
     [

@@ -347,7 +347,9 @@ ATTACKS = [
 ]
 
 
-async def send(server: TestServer, attempt: Attempt) -> tuple[int, bytes]:
+async def send(server: TestServer, attempt: Attempt, *, trickled: bool = False) -> tuple[int, bytes]:
+    """``trickled``: the head and the first half of the body, then the rest 20 ms later, so
+    that the gateway has the request before its body is all in (and reads it waiting)."""
     reader, writer = await asyncio.open_connection(server.host, server.port)
     head = f"{attempt.method} {attempt.target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in attempt.headers)
@@ -359,7 +361,14 @@ async def send(server: TestServer, attempt: Attempt) -> tuple[int, bytes]:
     else:
         payload = attempt.body
         head += f"Content-Length: {len(payload)}\r\n\r\n"
-    writer.write(head.encode("latin-1") + payload)
+    whole = head.encode("latin-1") + payload
+    if trickled:
+        cut = len(head) + len(payload) // 2
+        writer.write(whole[:cut])
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        whole = whole[cut:]
+    writer.write(whole)
     await writer.drain()
     answer = await reader.read()
     writer.close()
@@ -382,12 +391,15 @@ async def gateway(aiohttp_server: Any, express: ExpressBackend) -> TestServer:
     return public
 
 
+@pytest.mark.parametrize("trickled", [False, True], ids=["body all in", "body still arriving"])
 @pytest.mark.parametrize("attempt", ATTACKS)
 async def test_no_canary_reaches_the_backends_prompt_handler(
-    gateway: TestServer, express: ExpressBackend, attempt: Attempt
+    gateway: TestServer, express: ExpressBackend, attempt: Attempt, trickled: bool
 ) -> None:
-    """The canary never arrives in a body the backend parsed; the gateway refuses cleanly."""
-    status, body = await send(gateway, attempt)
+    """The canary never arrives in a body the backend parsed; the gateway refuses cleanly,
+    whether the body is all in when the request is handled (read at once) or still arriving
+    (read waiting)."""
+    status, body = await send(gateway, attempt, trickled=trickled)
     for parsed in prompt_handler_bodies(express):
         assert CANARY not in parsed
         assert GITHUB not in parsed

@@ -378,8 +378,9 @@ def _too_large(limit: int) -> Refusal:
 
 
 def prompt_now(request: web.Request, limit: int) -> InspectedRequest | Refusal | None:
-    """``read_prompt`` without waiting, when the whole body is in already (a prompt usually
-    comes with its head): no coroutine to run. None while some of it is still to come."""
+    """The prompt body, decoded as the backend decodes it, or why it is refused, without
+    waiting: when the whole body is in already (a prompt usually comes with its head), or its
+    Content-Length refuses it. None while some of it is still to come (``read_prompt``)."""
     length = request.content_length
     if length is not None and length > limit:
         return _too_large(limit)
@@ -391,10 +392,8 @@ def prompt_now(request: web.Request, limit: int) -> InspectedRequest | Refusal |
 
 
 async def read_prompt(request: web.Request, limit: int) -> InspectedRequest | Refusal:
-    """The prompt body, decoded as the backend decodes it, or why it is refused."""
-    inspected = prompt_now(request, limit)
-    if inspected is not None:
-        return inspected
+    """What ``prompt_now`` leaves: a body still arriving, read as it comes, decoded as the
+    backend decodes it, or why it is refused."""
     try:
         raw = await read_bounded(request.content, limit)
     except AnswerTooLarge:

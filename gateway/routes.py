@@ -253,7 +253,7 @@ def _routed(request: web.Request, info: RequestInfo, state: GatewayState) -> Awa
     info.route, info.conversation_id = target.route, conversation_id
     if target.route == "prompt":
         return prompt(request, conversation_id, state, info)
-    return messages(request, conversation_id, info)
+    return messages(request, conversation_id, state, info)
 
 
 async def _answered(response: web.StreamResponse) -> web.StreamResponse:
@@ -469,10 +469,12 @@ async def prompt(
         upstream.release()
 
 
-async def messages(request: web.Request, conversation_id: str, info: RequestInfo) -> web.StreamResponse:
-    context = policy_context(request.app[STATE], await resolve(request, conversation_id, info))
+async def messages(
+    request: web.Request, conversation_id: str, state: GatewayState, info: RequestInfo
+) -> web.StreamResponse:
+    context = policy_context(state, await resolve(request, conversation_id, info, state))
     try:
-        upstream = await call_upstream(request, data=None, inspect=True)
+        upstream = await call_upstream(request, data=None, inspect=True, state=state)
     except UPSTREAM_ERRORS as exc:
         return upstream_failure(request, exc)
     try:
